@@ -68,7 +68,7 @@ func (s *Server) routes() http.Handler {
 func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
 	addr, id := s.raft.LeaderWithID()
 	st := api.Status{NodeID: s.cfg.NodeID, State: s.raft.State().String(), Leader: string(addr), LeaderID: string(id),
-		Term: s.raft.CurrentTerm(), CommitIndex: s.raft.CommitIndex(), AppliedIndex: s.fsm.Index(), LastIndex: s.raft.LastIndex()}
+		Term: s.raft.CurrentTerm(), CommitIndex: s.raft.CommitIndex(), AppliedIndex: s.raft.AppliedIndex(), LastIndex: s.raft.LastIndex()}
 	if cf := s.raft.GetConfiguration(); cf.Error() == nil {
 		st.Peers = len(cf.Configuration().Servers)
 	}

@@ -256,26 +256,40 @@ func (s *Server) viaLeader(read bool, h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-// verifyRead confirms leadership with a quorum and waits for the FSM to
-// apply everything committed before the read began.
+// verifyRead makes a read linearizable: it commits a raft barrier, which
+// succeeds only while this node still leads a quorum and returns once the FSM
+// has applied every entry before it. Raft never gives no-op or barrier
+// entries to the FSM, so comparing the FSM's index with the commit index
+// would not do. Concurrent readers share one barrier: a reader joins the
+// batch that has not yet been issued, so its read began before the barrier.
 func (s *Server) verifyRead(ctx context.Context) error {
-	commit := s.raft.CommitIndex()
-	if err := s.raft.VerifyLeader().Error(); err != nil {
-		return err
+	s.readMu.Lock()
+	b := s.readBatch
+	if b == nil {
+		b = &readBarrier{done: make(chan struct{})}
+		s.readBatch = b
+		go func() {
+			s.barrierSem <- struct{}{} // one barrier in flight; this batch fills meanwhile
+			s.readMu.Lock()
+			s.readBatch = nil // later readers form the next batch
+			s.readMu.Unlock()
+			b.err = s.raft.Barrier(applyTimeout).Error()
+			<-s.barrierSem
+			close(b.done)
+		}()
 	}
-	for {
-		ch, applied := s.fsm.Watch()
-		if applied >= commit {
-			return nil
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(applyTimeout):
-			return errors.New("fsm did not catch up")
-		}
+	s.readMu.Unlock()
+	select {
+	case <-b.done:
+		return b.err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
+}
+
+type readBarrier struct {
+	done chan struct{}
+	err  error
 }
 
 // forward relays the request to the leader. It returns false, having written

@@ -97,6 +97,10 @@ type Server struct {
 	leaderMu    sync.Mutex    // guards leaderCh
 	leaderCh    chan struct{} // closed on every leadership observation
 
+	readMu     sync.Mutex
+	readBatch  *readBarrier // linearizable reads waiting for the next barrier
+	barrierSem chan struct{}
+
 	stop     chan struct{}
 	stopOnce sync.Once
 	wg       sync.WaitGroup
@@ -136,7 +140,7 @@ func New(cfg Config) (*Server, error) {
 	cfg.NodeID = id
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, fsm: fsm.New(), mx: newMetrics(),
-		leaderCh: make(chan struct{}), stop: make(chan struct{}), left: make(chan struct{}),
+		leaderCh: make(chan struct{}), barrierSem: make(chan struct{}, 1), stop: make(chan struct{}), left: make(chan struct{}),
 		fwd: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: time.Minute}},
 	}
 	if err := s.startHTTPListener(); err != nil {

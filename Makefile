@@ -1,0 +1,42 @@
+# snowflock-go. `make demo` runs the demo on an embedded local cluster;
+# `make test` runs every test. Both work on a fresh Debian machine as root.
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+BIN := bin
+FUZZTIME ?= 30s
+
+.PHONY: all build test vet fmt-check demo bench bench-coord fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+fmt-check:
+	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.cache/*')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+# Unit, fuzz-seed, in-process cluster and real-process tests.
+test: fmt-check vet
+	$(GO) test -count=1 -timeout 30m ./...
+
+demo: build
+	$(BIN)/sfdemo
+
+bench: bench-coord
+
+bench-coord:
+	$(GO) run ./bench/coord -out bench/results/coord.json
+
+# Runs every fuzz target for FUZZTIME each.
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "== $$pkg $$f"; $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME); \
+	  done; \
+	done
+
+clean:
+	rm -rf $(BIN)
