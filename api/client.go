@@ -58,7 +58,7 @@ type Config struct {
 	Addrs []string // coordinator API addresses, host:port; tried in turn
 	Token string   // bearer token, if the cluster requires one
 	// RetryFor bounds how long a call keeps retrying across coordinators and
-	// leader elections when ctx has no earlier deadline. Zero means 15 s.
+	// leader elections (ctx may end it earlier). Zero means 15 s.
 	RetryFor   time.Duration
 	HTTPClient *http.Client
 }
@@ -150,11 +150,10 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 			return QueryMeta{}, err
 		}
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.cfg.RetryFor+maxWaitOf(q))
-		defer cancel()
-	}
+	// Retry for RetryFor (plus any blocking wait) or until ctx ends,
+	// whichever comes first.
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.RetryFor+maxWaitOf(q))
+	defer cancel()
 	var lastErr error
 	for attempt := 0; ; attempt++ {
 		i := int(c.next.Load()) % len(c.cfg.Addrs)

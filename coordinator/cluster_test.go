@@ -290,3 +290,130 @@ func mustClones(s *Server) []fsm.Clone {
 	cl, _ := s.FSM().Clones("", false)
 	return cl
 }
+
+// TestNoLeaderHoldsThen503: with a majority gone, a write to the survivor is
+// held for the hold time and then refused with 503 no_leader.
+func TestNoLeaderHoldsThen503(t *testing.T) {
+	tc := newTestCluster(t, 3, nil)
+	startHost(t, tc, "h1", 4)
+	survivor := tc.servers[0]
+	if survivor.IsLeader() {
+		survivor = tc.servers[1]
+	}
+	for i, s := range tc.servers {
+		if s != survivor {
+			tc.kill(i)
+		}
+	}
+	start := time.Now()
+	status, eb := rawRequest(t, survivor.HTTPAddr(), "POST", "/v1/vms", "", []byte(`{"name":"x","host":"h1"}`))
+	held := time.Since(start)
+	if status != 503 || eb.Code != api.CodeNoLeader {
+		t.Fatalf("write without a quorum: %d %+v", status, eb)
+	}
+	if held < holdTime || held > holdTime+3*time.Second {
+		t.Fatalf("held %s, want about %s", held, holdTime)
+	}
+	ctx := context.Background()
+	c, _ := api.NewClient(api.Config{Addrs: []string{survivor.HTTPAddr()}})
+	// A stale read is still answered.
+	if _, _, err := c.Hosts(ctx, &api.QueryOptions{Stale: true}); err != nil {
+		t.Fatalf("stale read without leader: %v", err)
+	}
+}
+
+// TestDeadCoordinatorRemoved: a coordinator dead in gossip longer than
+// DeadServerTimeout is removed from raft by the leader.
+func TestDeadCoordinatorRemoved(t *testing.T) {
+	tc := newTestCluster(t, 3, func(i int, c *Config) { c.DeadServerTimeout = time.Second })
+	l := tc.leader()
+	victim := -1
+	for i, s := range tc.servers {
+		if s != l {
+			victim = i
+		}
+	}
+	id := tc.servers[victim].NodeID()
+	tc.kill(victim)
+	waitFor(t, 15*time.Second, "dead coordinator removed from raft", func() bool {
+		cf := l.raft.GetConfiguration()
+		if cf.Error() != nil {
+			return false
+		}
+		for _, s := range cf.Configuration().Servers {
+			if string(s.ID) == id {
+				return false
+			}
+		}
+		return len(cf.Configuration().Servers) == 2
+	})
+}
+
+// TestLeaderLeaves: the leader leaves gracefully; leadership moves, it is
+// out of raft, gossip shows it left, and writes go on.
+func TestLeaderLeaves(t *testing.T) {
+	tc := newTestCluster(t, 3, nil)
+	startHost(t, tc, "h1", 4)
+	l := tc.leader()
+	id := l.NodeID()
+	lc, _ := api.NewClient(api.Config{Addrs: []string{l.HTTPAddr()}})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := lc.Leave(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-l.Left():
+	default:
+		t.Fatal("Left not closed after leave")
+	}
+	for i, s := range tc.servers {
+		if s == l {
+			tc.kill(i)
+		}
+	}
+	nl := tc.leader()
+	if nl.NodeID() == id {
+		t.Fatal("the departed node still leads")
+	}
+	cf := nl.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(cf.Configuration().Servers); n != 2 {
+		t.Fatalf("%d raft servers after leave, want 2", n)
+	}
+	waitFor(t, 5*time.Second, "gossip shows the node left", func() bool {
+		m, ok := nl.gossip.Member(id)
+		return ok && m.Status == gossip.StatusLeft
+	})
+	if _, err := tc.client("").CreateVM(ctx, api.VMRequest{Name: "after", Host: "h1"}); err != nil {
+		t.Fatalf("write after leave: %v", err)
+	}
+}
+
+// TestBootstrapExpect: three nodes started with BootstrapExpect 3 and no
+// seed form one cluster; a node with state never bootstraps again.
+func TestBootstrapExpect(t *testing.T) {
+	tc := newTestCluster(t, 3, func(i int, c *Config) {
+		c.Bootstrap = false
+		c.BootstrapExpect = 3
+	})
+	l := tc.leader()
+	if _, err := tc.client("").Status(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Restarting a member with bootstrap-expect set keeps the one cluster.
+	for i, s := range tc.servers {
+		if s != l {
+			tc.kill(i)
+			tc.restart(i)
+			break
+		}
+	}
+	tc.waitVoters(3)
+	term := tc.leader().raft.CurrentTerm()
+	if term == 0 {
+		t.Fatal("no term")
+	}
+}

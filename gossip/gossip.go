@@ -45,6 +45,10 @@ type Meta struct {
 	Expect int   `json:"expect,omitempty"`
 	Slots  int   `json:"slots,omitempty"` // clone slots offered (hosts)
 	MemMB  int64 `json:"mem_mb,omitempty"`
+	// Leaving is set by Leave just before the goodbye, so that the pool can
+	// tell a departure from a failure (memberlist's leave callback does not
+	// say which it was).
+	Leaving bool `json:"leaving,omitempty"`
 }
 
 // Status of a member.
@@ -279,6 +283,15 @@ func (a *Agent) Changed() <-chan struct{} { return a.changed }
 // Leave tells the pool that this node departs, waiting up to timeout for the
 // message to spread. The agent still runs until Shutdown.
 func (a *Agent) Leave(timeout time.Duration) error {
+	a.mu.Lock()
+	m, err := DecodeMeta(a.meta)
+	a.mu.Unlock()
+	if err == nil {
+		m.Leaving = true
+		if err := a.SetMeta(m); err != nil {
+			a.log.Warn("could not announce the leave in metadata", "error", err)
+		}
+	}
 	return a.ml.Leave(timeout)
 }
 
@@ -355,7 +368,7 @@ func (e *events) NotifyJoin(n *memberlist.Node)   { (*Agent)(e).record(n, Status
 func (e *events) NotifyUpdate(n *memberlist.Node) { (*Agent)(e).record(n, StatusAlive) }
 func (e *events) NotifyLeave(n *memberlist.Node) {
 	status := StatusFailed
-	if n.State == memberlist.StateLeft {
+	if m, err := DecodeMeta(n.Meta); n.State == memberlist.StateLeft || (err == nil && m.Leaving) {
 		status = StatusLeft
 	}
 	(*Agent)(e).record(n, status)
