@@ -336,6 +336,9 @@ func (c *Client) EndVM(ctx context.Context, id uint64, reason string) (fsm.VM, e
 
 // SetCloneState reports a clone running or failed, or relays its exit.
 func (c *Client) SetCloneState(ctx context.Context, vm uint64, r CloneStateRequest) (fsm.TicketView, error) {
+	if r.RequestID == "" {
+		r.RequestID = NewRequestID()
+	}
 	var t fsm.TicketView
 	_, err := c.do(ctx, http.MethodPost, idPath("/v1/vms/%d/clone-state", vm), nil, r, &t)
 	return t, err
@@ -382,6 +385,7 @@ func (c *Client) Clone(ctx context.Context, ticket uint64, d DescriptorRequest) 
 // failed, then disposes the ticket and returns every clone's outcome.
 func (c *Client) JoinTicket(ctx context.Context, ticket, caller uint64) (fsm.TicketView, error) {
 	var index uint64
+	req := CallerRequest{RequestID: NewRequestID(), Caller: caller}
 	for {
 		t, meta, err := c.Ticket(ctx, ticket, &QueryOptions{Index: index, Wait: 30 * time.Second})
 		if err != nil {
@@ -392,7 +396,7 @@ func (c *Client) JoinTicket(ctx context.Context, ticket, caller uint64) (fsm.Tic
 		}
 		if t.State.Disposed() || allTerminal(t) {
 			var out fsm.TicketView
-			_, err := c.do(ctx, http.MethodPost, idPath("/v1/tickets/%d/join", ticket), nil, CallerRequest{Caller: caller}, &out)
+			_, err := c.do(ctx, http.MethodPost, idPath("/v1/tickets/%d/join", ticket), nil, req, &out)
 			if !errors.Is(err, fsm.ErrClonesRunning) {
 				return out, err
 			}
@@ -416,7 +420,8 @@ func allTerminal(t fsm.TicketView) bool {
 // KillTicket is kill(ticket); caller 0 acts as an operator.
 func (c *Client) KillTicket(ctx context.Context, ticket, caller uint64, reason string) (fsm.TicketView, error) {
 	var t fsm.TicketView
-	_, err := c.do(ctx, http.MethodPost, idPath("/v1/tickets/%d/kill", ticket), nil, CallerRequest{Caller: caller, Reason: reason}, &t)
+	_, err := c.do(ctx, http.MethodPost, idPath("/v1/tickets/%d/kill", ticket), nil,
+		CallerRequest{RequestID: NewRequestID(), Caller: caller, Reason: reason}, &t)
 	return t, err
 }
 
@@ -434,7 +439,7 @@ func (c *Client) CreateCheckpoint(ctx context.Context, d DescriptorRequest) (fsm
 func (c *Client) CreateClones(ctx context.Context, ticket, checkpoint, caller uint64) (fsm.TicketView, error) {
 	var t fsm.TicketView
 	_, err := c.do(ctx, http.MethodPost, idPath("/v1/tickets/%d/create-clones", ticket), nil,
-		CreateClonesRequest{Caller: caller, Checkpoint: checkpoint}, &t)
+		CreateClonesRequest{RequestID: NewRequestID(), Caller: caller, Checkpoint: checkpoint}, &t)
 	return t, err
 }
 

@@ -110,10 +110,11 @@ type VMEndRequest struct {
 // CloneStateRequest is POST /v1/vms/{id}/clone-state: a host reports its
 // clone running or failed, or relays the clone's exit.
 type CloneStateRequest struct {
-	State  fsm.CloneState `json:"state"`
-	Status int            `json:"status"`
-	Result string         `json:"result,omitempty"`
-	Reason string         `json:"reason,omitempty"`
+	RequestID string         `json:"request_id,omitempty"`
+	State     fsm.CloneState `json:"state"`
+	Status    int            `json:"status"`
+	Result    string         `json:"result,omitempty"`
+	Reason    string         `json:"reason,omitempty"`
 }
 
 // TicketRequest is POST /v1/tickets: request_ticket(n) for a parent VM.
@@ -144,12 +145,14 @@ type CloneResponse struct {
 
 // CallerRequest names the VM making a call (join, kill).
 type CallerRequest struct {
-	Caller uint64 `json:"caller"`
-	Reason string `json:"reason,omitempty"`
+	RequestID string `json:"request_id,omitempty"`
+	Caller    uint64 `json:"caller"`
+	Reason    string `json:"reason,omitempty"`
 }
 
 // CreateClonesRequest is POST /v1/tickets/{id}/create-clones.
 type CreateClonesRequest struct {
+	RequestID  string `json:"request_id,omitempty"`
 	Caller     uint64 `json:"caller"`
 	Checkpoint uint64 `json:"checkpoint"`
 }

@@ -248,7 +248,7 @@ func (s *Server) handleCloneState(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	res, ok := s.commit(w, &fsm.CloneUpdate{VMID: id, State: req.State, Status: req.Status, Result: req.Result, Reason: req.Reason})
+	res, ok := s.commit(w, &fsm.CloneUpdate{RequestID: req.RequestID, VMID: id, State: req.State, Status: req.Status, Result: req.Result, Reason: req.Reason})
 	if !ok {
 		return
 	}
@@ -333,13 +333,13 @@ func (s *Server) ticketCall(w http.ResponseWriter, r *http.Request, mk func(id u
 
 func (s *Server) handleTicketJoin(w http.ResponseWriter, r *http.Request) {
 	s.ticketCall(w, r, func(id uint64, req api.CallerRequest) fsm.Command {
-		return &fsm.TicketJoin{Ticket: id, Caller: req.Caller}
+		return &fsm.TicketJoin{RequestID: req.RequestID, Ticket: id, Caller: req.Caller}
 	})
 }
 
 func (s *Server) handleTicketKill(w http.ResponseWriter, r *http.Request) {
 	s.ticketCall(w, r, func(id uint64, req api.CallerRequest) fsm.Command {
-		return &fsm.TicketKill{Ticket: id, Caller: req.Caller, Reason: req.Reason}
+		return &fsm.TicketKill{RequestID: req.RequestID, Ticket: id, Caller: req.Caller, Reason: req.Reason}
 	})
 }
 
@@ -352,7 +352,7 @@ func (s *Server) handleCreateClones(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	res, ok := s.commit(w, &fsm.CreateClones{Ticket: id, Checkpoint: req.Checkpoint, Caller: req.Caller})
+	res, ok := s.commit(w, &fsm.CreateClones{RequestID: req.RequestID, Ticket: id, Checkpoint: req.Checkpoint, Caller: req.Caller})
 	if !ok {
 		return
 	}

@@ -50,9 +50,11 @@ type Command interface {
 	Validate() error
 }
 
-// Requester is implemented by commands that create an object and may be
-// retried by a client that did not learn the outcome (leader lost mid-write).
-// A repeated RequestID returns the object created the first time.
+// Requester is implemented by commands that are not idempotent (they create
+// an object or make a one-way transition) and so may not simply be retried by
+// a client that did not learn the outcome (leadership lost mid-write). A
+// repeated RequestID returns the outcome of the first command, unchanged; a
+// new command with a new ID is judged on its own (a second exit is refused).
 type Requester interface {
 	requestID() string
 }
@@ -120,26 +122,29 @@ type DescriptorCreate struct {
 // CloneUpdate moves the clone that runs as VMID to State: running (its host
 // restored it), exited (the clone called exit) or failed (its host lost it).
 type CloneUpdate struct {
-	VMID   uint64
-	State  CloneState
-	Status int
-	Result string
-	Reason string
+	RequestID string
+	VMID      uint64
+	State     CloneState
+	Status    int
+	Result    string
+	Reason    string
 }
 
 // TicketJoin disposes a ticket whose clones have all reached a terminal state.
 // Caller is the VM that called join; only the ticket's parent may.
 type TicketJoin struct {
-	Ticket uint64
-	Caller uint64
+	RequestID string
+	Ticket    uint64
+	Caller    uint64
 }
 
 // TicketKill kills a ticket's remaining clones and disposes it. Caller is the
 // VM that called kill, or 0 for an operator.
 type TicketKill struct {
-	Ticket uint64
-	Caller uint64
-	Reason string
+	RequestID string
+	Ticket    uint64
+	Caller    uint64
+	Reason    string
 }
 
 // CheckpointCreate records an immutable checkpoint of ParentVM together with
@@ -157,6 +162,7 @@ type CheckpointCreate struct {
 
 // CreateClones starts a reserved ticket's clones from a checkpoint.
 type CreateClones struct {
+	RequestID  string
 	Ticket     uint64
 	Checkpoint uint64
 	Caller     uint64
@@ -178,6 +184,10 @@ func (c *VMCreate) requestID() string         { return c.RequestID }
 func (c *TicketCreate) requestID() string     { return c.RequestID }
 func (c *DescriptorCreate) requestID() string { return c.RequestID }
 func (c *CheckpointCreate) requestID() string { return c.RequestID }
+func (c *CloneUpdate) requestID() string      { return c.RequestID }
+func (c *TicketJoin) requestID() string       { return c.RequestID }
+func (c *TicketKill) requestID() string       { return c.RequestID }
+func (c *CreateClones) requestID() string     { return c.RequestID }
 
 // newCommand returns an empty body for a command type, or nil if unknown.
 func newCommand(t CommandType) Command {
@@ -402,6 +412,9 @@ func (c *DescriptorCreate) Validate() error {
 }
 
 func (c *CloneUpdate) Validate() error {
+	if err := validateRequestID(c.RequestID); err != nil {
+		return err
+	}
 	if c.VMID == 0 {
 		return fmt.Errorf("%w: vm id 0", ErrInvalid)
 	}
@@ -420,6 +433,9 @@ func (c *CloneUpdate) Validate() error {
 }
 
 func (c *TicketJoin) Validate() error {
+	if err := validateRequestID(c.RequestID); err != nil {
+		return err
+	}
 	if c.Ticket == 0 || c.Caller == 0 {
 		return fmt.Errorf("%w: join needs a ticket and a calling vm", ErrInvalid)
 	}
@@ -427,6 +443,9 @@ func (c *TicketJoin) Validate() error {
 }
 
 func (c *TicketKill) Validate() error {
+	if err := validateRequestID(c.RequestID); err != nil {
+		return err
+	}
 	if c.Ticket == 0 {
 		return fmt.Errorf("%w: ticket id 0", ErrInvalid)
 	}
@@ -444,6 +463,9 @@ func (c *CheckpointCreate) Validate() error {
 }
 
 func (c *CreateClones) Validate() error {
+	if err := validateRequestID(c.RequestID); err != nil {
+		return err
+	}
 	if c.Ticket == 0 || c.Checkpoint == 0 || c.Caller == 0 {
 		return fmt.Errorf("%w: create_clones needs a ticket, a checkpoint and a calling vm", ErrInvalid)
 	}

@@ -141,9 +141,10 @@ func (s *state) apply(idx uint64, c Command) *Result {
 		return res
 	}
 	var reqID string
-	if r, ok := c.(Requester); ok {
-		reqID = r.requestID()
-		if id, seen := s.requests[reqID]; seen && reqID != "" {
+	if r, ok := c.(Requester); ok && r.requestID() != "" {
+		// Keyed by command type too: an ID only ever repeats its own kind.
+		reqID = fmt.Sprintf("%02x/%s", byte(c.Type()), r.requestID())
+		if id, seen := s.requests[reqID]; seen {
 			res.ID, res.Duplicate = id, true
 			return res
 		}
