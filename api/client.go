@@ -272,9 +272,23 @@ func (c *Client) Peers(ctx context.Context) ([]Peer, error) {
 	return p, err
 }
 
-// RemovePeer removes a coordinator from raft.
+// RemovePeer removes a coordinator from raft. A raft configuration change is
+// not an FSM command and has no request ID, so when leadership is lost
+// mid-change the retry may find the peer already gone: a peer that was
+// present before the call and is "not found" after it counts as removed.
 func (c *Client) RemovePeer(ctx context.Context, id string) error {
-	_, err := c.do(ctx, http.MethodPost, "/v1/raft/remove-peer", nil, RemovePeerRequest{ID: id}, nil)
+	peers, err := c.Peers(ctx)
+	if err != nil {
+		return err
+	}
+	present := false
+	for _, p := range peers {
+		present = present || p.ID == id
+	}
+	_, err = c.do(ctx, http.MethodPost, "/v1/raft/remove-peer", nil, RemovePeerRequest{ID: id}, nil)
+	if present && errors.Is(err, fsm.ErrNotFound) {
+		return nil
+	}
 	return err
 }
 
