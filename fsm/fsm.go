@@ -264,7 +264,8 @@ func (s *state) vmEnd(idx uint64, c *VMEnd) error {
 }
 
 // endVM ends a VM and everything that depends on it: a clone that had not
-// reached a terminal state fails; a parent's undisposed tickets are killed.
+// reached a terminal state fails; the undisposed tickets the VM requested
+// (as a parent, or as a clone that cloned) are killed.
 func (s *state) endVM(idx uint64, vm *VM, reason string) {
 	vm.State, vm.Reason, vm.ModifyIndex = VMEnded, reason, idx
 	if vm.Role == RoleClone {
@@ -272,8 +273,13 @@ func (s *state) endVM(idx uint64, vm *VM, reason string) {
 			s.finishClone(idx, cl, CloneFailed, reason)
 		}
 	}
-	for _, tid := range sortedKeys(s.tickets) {
-		if t := s.tickets[tid]; t.ParentVM == vm.ID && !t.State.Disposed() {
+	if reason == "" {
+		reason = "exited"
+	}
+	// Killing tickets commutes (each touches its own clones; slot counts are
+	// sums), so map order does not affect the resulting state.
+	for _, t := range s.tickets {
+		if t.ParentVM == vm.ID && !t.State.Disposed() {
 			s.killTicket(idx, t, fmt.Sprintf("parent vm %d ended: %s", vm.ID, reason))
 		}
 	}
@@ -289,11 +295,13 @@ func (s *state) finishClone(idx uint64, cl *Clone, to CloneState, reason string)
 		h.UsedSlots--
 		h.ModifyIndex = idx
 	}
+	// The clone's VM ends with it, and so do the tickets it took as a
+	// parent itself (a clone may clone).
 	if vm := s.vms[cl.VMID]; vm != nil && vm.State != VMEnded {
-		vm.State, vm.ModifyIndex = VMEnded, idx
-		if to != CloneExited {
-			vm.Reason = reason
+		if to == CloneExited {
+			reason = ""
 		}
+		s.endVM(idx, vm, reason)
 	}
 	if t := s.tickets[cl.Ticket]; t != nil {
 		t.ModifyIndex = idx
@@ -325,11 +333,6 @@ func (s *state) ticketCreate(idx uint64, c *TicketCreate) (uint64, error) {
 	parent, ok := s.vms[c.ParentVM]
 	if !ok {
 		return 0, fmt.Errorf("%w: vm %d", ErrNotFound, c.ParentVM)
-	}
-	// Only parents request tickets: a clone's ticket would outlive the clone,
-	// since a clone that exits ends without endVM, and hold its slots forever.
-	if parent.Role != RoleParent {
-		return 0, fmt.Errorf("%w: vm %d is a %s", ErrNotParent, c.ParentVM, parent.Role)
 	}
 	if parent.State != VMRunning {
 		return 0, fmt.Errorf("%w: vm %d is %s", ErrBadState, c.ParentVM, parent.State)

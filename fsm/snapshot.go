@@ -241,6 +241,13 @@ func (s *state) check() error {
 	bad := func(format string, a ...interface{}) error {
 		return fmt.Errorf("%w: %s", ErrBadSnapshot, fmt.Sprintf(format, a...))
 	}
+	// A counter at 0 would hand out ID 0; one at the top would wrap around
+	// and overwrite: refuse such a header rather than allocate from it.
+	for _, n := range []uint64{s.nextVM, s.nextTicket, s.nextDescriptor, s.nextCheckpoint} {
+		if n == 0 || n > 1<<62 {
+			return bad("id counter %d out of range", n)
+		}
+	}
 	for id, vm := range s.vms {
 		if id == 0 || id >= s.nextVM {
 			return bad("vm id %d outside 1..%d", id, s.nextVM-1)
