@@ -18,9 +18,10 @@ fmt-check:
 vet:
 	$(GO) vet ./...
 
-# Unit, fuzz-seed, in-process cluster and real-process tests.
+# Unit, fuzz-seed, in-process cluster and real-process tests, under the race
+# detector (needs cgo: gcc).
 test: fmt-check vet
-	$(GO) test -count=1 -timeout 30m ./...
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 demo: build
 	$(BIN)/sfdemo

@@ -243,7 +243,9 @@ func TestLeaderKilledRepeatedly(t *testing.T) {
 				idx = i
 			}
 		}
+		mu.Lock()
 		before := len(acked)
+		mu.Unlock()
 		waitFor(t, 10*time.Second, "progress before kill", func() bool {
 			mu.Lock()
 			defer mu.Unlock()

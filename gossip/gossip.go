@@ -90,6 +90,8 @@ var ErrBadConfig = errors.New("gossip: bad config")
 // Agent is this process's membership in the pool.
 type Agent struct {
 	ml      *memberlist.Memberlist
+	name    string // fixed at creation: memberlist's LocalNode() is mutated
+	addr    string // under its lock by UpdateNode, so read neither from it
 	log     hclog.Logger
 	changed chan struct{}
 
@@ -164,6 +166,8 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("gossip: start: %w", err)
 	}
 	a.ml = ml
+	local := ml.LocalNode()
+	a.name, a.addr = local.Name, local.Address()
 	return a, nil
 }
 
@@ -209,10 +213,10 @@ func DecodeMeta(b []byte) (Meta, error) {
 }
 
 // Name is this node's name.
-func (a *Agent) Name() string { return a.ml.LocalNode().Name }
+func (a *Agent) Name() string { return a.name }
 
 // Addr is the address other nodes gossip with, ip:port.
-func (a *Agent) Addr() string { return a.ml.LocalNode().Address() }
+func (a *Agent) Addr() string { return a.addr }
 
 // Join contacts the given gossip addresses and returns how many answered. It
 // succeeds if any did.
