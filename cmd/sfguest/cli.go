@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/snowflock-go/snowflock/guest"
+)
+
+const usage = `Usage: sfguest <command> [flags]
+
+  id                        this VM's identity (VM ID, role, ticket and clone ID)
+  ticket N                  request_ticket(N): reserve up to N clones
+  tickets                   list this VM's tickets
+  ticket-info T             one ticket with its clones
+  clone T                   clone(T): prints 0 in the parent and k in clone k
+  exit [--status S] [--result TEXT]   end this clone with a status and a result (<= 4 KiB)
+  join T                    wait for every clone of T; print their outcomes
+  kill T                    destroy the clones of T
+  checkpoint                take an immutable checkpoint of this VM
+  create-clones C T         clone from checkpoint C with ticket T
+
+Flags: -json (machine-readable output), --timeout (default: none for join/clone, 60s otherwise).
+Exit status: 0 ok, 1 error, 2 usage. The channel is /run/sfguest.sock (SF_GUEST_SOCKET) when
+sfguest is init, else the serial device /dev/ttyS1 (SF_GUEST_DEVICE).
+`
+
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...interface{}) error { return &usageError{fmt.Sprintf(format, a...)} }
+
+// Run executes one CLI command and returns the exit status.
+func Run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		fmt.Fprint(stderr, usage)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	err := run(args[0], args[1:], stdout)
+	var ue *usageError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "sfguest: %v\n", err)
+		return 2
+	default:
+		fmt.Fprintf(stderr, "sfguest: %v\n", err)
+		return 1
+	}
+}
+
+func run(cmd string, args []string, out io.Writer) error {
+	fs := pflag.NewFlagSet(cmd, pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	asJSON := fs.Bool("json", false, "machine-readable output")
+	timeout := fs.Duration("timeout", 0, "give up after this long (0: no limit for join and clone, 60s otherwise)")
+	status := fs.Int("status", 0, "exit status (exit)")
+	result := fs.String("result", "", "result text, at most 4096 bytes (exit)")
+	norm := make([]string, len(args))
+	for i, a := range args {
+		if a == "-json" {
+			a = "--json"
+		}
+		norm[i] = a
+	}
+	if err := fs.Parse(norm); err != nil {
+		return usagef("%s: %v", cmd, err)
+	}
+	pos := fs.Args()
+	nArgs := map[string]int{"id": 0, "ticket": 1, "tickets": 0, "ticket-info": 1, "clone": 1, "exit": 0, "join": 1,
+		"kill": 1, "checkpoint": 0, "create-clones": 2}
+	want, ok := nArgs[cmd]
+	if !ok {
+		return usagef("unknown command %q (run 'sfguest help')", cmd)
+	}
+	if len(pos) != want {
+		return usagef("%s takes %d argument(s), got %d", cmd, want, len(pos))
+	}
+	nums := make([]uint64, len(pos))
+	for i, p := range pos {
+		n, err := strconv.ParseUint(p, 10, 64)
+		if err != nil || n == 0 {
+			return usagef("%s: %q is not a positive integer", cmd, p)
+		}
+		nums[i] = n
+	}
+	if cmd != "exit" && (fs.Changed("status") || fs.Changed("result")) {
+		return usagef("--status and --result go with exit")
+	}
+	if len(*result) > 4096 {
+		return usagef("--result is %d bytes, at most 4096", len(*result))
+	}
+	if *timeout == 0 && cmd != "join" && cmd != "clone" && cmd != "create-clones" {
+		*timeout = 60 * time.Second
+	}
+	ctx := context.Background()
+	if *timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		defer cancel()
+	}
+	c, err := guest.Dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	p := printer{out: out, json: *asJSON}
+	switch cmd {
+	case "id":
+		id, err := c.Hello(ctx)
+		if err != nil {
+			return err
+		}
+		if p.json {
+			return p.printJSON(id)
+		}
+		if id.Role == "clone" {
+			fmt.Fprintf(out, "VM %d on %s: clone %d of ticket %d (parent VM %d)\n", id.VMID, id.Host, id.CloneID, id.Ticket, id.ParentVM)
+		} else {
+			fmt.Fprintf(out, "VM %d on %s: %s\n", id.VMID, id.Host, id.Role)
+		}
+	case "ticket":
+		if nums[0] > 1024 {
+			return usagef("ticket: at most 1024 clones")
+		}
+		t, err := c.RequestTicket(ctx, int(nums[0]))
+		if err != nil {
+			return err
+		}
+		return p.ticket(t, fmt.Sprintf("ticket %d: %d of %d clones granted on %s", t.ID, t.Granted, t.Requested, strings.Join(t.Placements, ",")))
+	case "tickets":
+		ts, err := c.Tickets(ctx)
+		if err != nil {
+			return err
+		}
+		if p.json {
+			return p.printJSON(ts)
+		}
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "Ticket\tState\tGranted\tPlacements")
+		for _, t := range ts {
+			fmt.Fprintf(tw, "%d\t%s\t%d/%d\t%s\n", t.ID, t.State, t.Granted, t.Requested, strings.Join(t.Placements, ","))
+		}
+		return tw.Flush()
+	case "ticket-info":
+		t, err := c.Ticket(ctx, nums[0])
+		if err != nil {
+			return err
+		}
+		return p.ticket(t, fmt.Sprintf("ticket %d: %s, %d of %d granted", t.ID, t.State, t.Granted, t.Requested))
+	case "clone":
+		k, err := c.Clone(ctx, nums[0])
+		if err != nil {
+			return err
+		}
+		return p.number("clone_id", k)
+	case "create-clones":
+		k, err := c.CreateClones(ctx, nums[0], nums[1])
+		if err != nil {
+			return err
+		}
+		return p.number("clone_id", k)
+	case "exit":
+		return c.Exit(ctx, *status, *result)
+	case "join":
+		t, err := c.Join(ctx, nums[0])
+		if err != nil {
+			return err
+		}
+		return p.ticket(t, fmt.Sprintf("ticket %d joined", t.ID))
+	case "kill":
+		t, err := c.Kill(ctx, nums[0])
+		if err != nil {
+			return err
+		}
+		return p.ticket(t, fmt.Sprintf("ticket %d killed", t.ID))
+	case "checkpoint":
+		cp, err := c.Checkpoint(ctx)
+		if err != nil {
+			return err
+		}
+		return p.number("checkpoint", int(cp.ID))
+	}
+	return nil
+}
+
+type printer struct {
+	out  io.Writer
+	json bool
+}
+
+func (p printer) printJSON(v interface{}) error {
+	enc := json.NewEncoder(p.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (p printer) number(key string, n int) error {
+	if p.json {
+		return p.printJSON(map[string]int{key: n})
+	}
+	_, err := fmt.Fprintln(p.out, n)
+	return err
+}
+
+func (p printer) ticket(t guest.Ticket, headline string) error {
+	if p.json {
+		return p.printJSON(t)
+	}
+	fmt.Fprintln(p.out, headline)
+	if len(t.Clones) == 0 {
+		return nil
+	}
+	tw := tabwriter.NewWriter(p.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "Clone\tVM\tHost\tState\tStatus\tResult")
+	for _, cl := range t.Clones {
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%s\n", cl.K, cl.VMID, cl.Host, cl.State, cl.Status, strings.ReplaceAll(cl.Result, "\n", " "))
+	}
+	return tw.Flush()
+}
