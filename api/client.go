@@ -341,6 +341,13 @@ func (c *Client) CreateVM(ctx context.Context, r VMRequest) (fsm.VM, error) {
 	return v, err
 }
 
+// VMStarted reports that this host launched a pending VM.
+func (c *Client) VMStarted(ctx context.Context, id uint64) (fsm.VM, error) {
+	var v fsm.VM
+	_, err := c.do(ctx, http.MethodPost, idPath("/v1/vms/%d/started", id), nil, struct{}{}, &v)
+	return v, err
+}
+
 // EndVM records that a VM is gone.
 func (c *Client) EndVM(ctx context.Context, id uint64, reason string) (fsm.VM, error) {
 	var v fsm.VM

@@ -93,13 +93,19 @@ type HostFailRequest struct {
 	Reason string `json:"reason"`
 }
 
-// VMRequest is POST /v1/vms: record a new parent VM.
+// VMRequest is POST /v1/vms: record a new parent VM. With Launch its host
+// starts it (sfcoord vm run); Host may then be empty and the leader picks
+// the alive host with the most free memory.
 type VMRequest struct {
 	RequestID string `json:"request_id,omitempty"`
 	Name      string `json:"name"`
-	Host      string `json:"host"`
+	Host      string `json:"host,omitempty"`
 	MemMB     int64  `json:"mem_mb"`
 	VCPUs     int    `json:"vcpus"`
+	Launch    bool   `json:"launch,omitempty"`
+	Kernel    string `json:"kernel,omitempty"`
+	Initrd    string `json:"initrd,omitempty"`
+	Cmd       string `json:"cmd,omitempty"`
 }
 
 // VMEndRequest is POST /v1/vms/{id}/end.

@@ -37,6 +37,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /v1/vms/{id}", read(s.handleVM))
 	mux.HandleFunc("POST /v1/vms", write(s.handleVMCreate))
 	mux.HandleFunc("POST /v1/vms/{id}/end", write(s.handleVMEnd))
+	mux.HandleFunc("POST /v1/vms/{id}/started", write(s.handleVMStarted))
 	mux.HandleFunc("POST /v1/vms/{id}/clone-state", write(s.handleCloneState))
 
 	mux.HandleFunc("GET /v1/tickets", read(s.handleTickets))
@@ -214,7 +215,18 @@ func (s *Server) handleVMCreate(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	res, ok := s.commit(w, &fsm.VMCreate{RequestID: req.RequestID, Name: req.Name, Host: req.Host, MemMB: req.MemMB, VCPUs: req.VCPUs})
+	if req.Host == "" {
+		if !req.Launch {
+			writeErr(w, fmt.Errorf("%w: host is required unless the VM is launched", fsm.ErrInvalid))
+			return
+		}
+		if req.Host = s.placeVM(req.MemMB); req.Host == "" {
+			writeErr(w, fmt.Errorf("%w: no alive host has %d MiB free", fsm.ErrNoCapacity, req.MemMB))
+			return
+		}
+	}
+	res, ok := s.commit(w, &fsm.VMCreate{RequestID: req.RequestID, Name: req.Name, Host: req.Host, MemMB: req.MemMB,
+		VCPUs: req.VCPUs, Launch: req.Launch, Kernel: req.Kernel, Initrd: req.Initrd, Cmd: req.Cmd})
 	if !ok {
 		return
 	}
@@ -232,6 +244,22 @@ func (s *Server) handleVMEnd(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, ok := s.commit(w, &fsm.VMEnd{VMID: id, Reason: req.Reason})
+	if !ok {
+		return
+	}
+	vm, _ := s.fsm.VM(id)
+	writeJSON(w, http.StatusOK, res.Index, vm)
+}
+
+func (s *Server) handleVMStarted(w http.ResponseWriter, r *http.Request) {
+	id, ok := pathID(w, r)
+	if !ok {
+		return
+	}
+	if !decodeBody(w, r, &struct{}{}) {
+		return
+	}
+	res, ok := s.commit(w, &fsm.VMStarted{VMID: id})
 	if !ok {
 		return
 	}

@@ -34,3 +34,24 @@ func place(hosts []fsm.Host, n int) []string {
 	}
 	return out
 }
+
+// placeVM picks the alive host with the most memory left for a VM of memMB
+// (offered memory less that of its VMs that have not ended), or "".
+func (s *Server) placeVM(memMB int64) string {
+	hosts, _ := s.fsm.Hosts()
+	vms, _ := s.fsm.VMs("")
+	used := map[string]int64{}
+	for _, vm := range vms {
+		if vm.State != fsm.VMEnded {
+			used[vm.Host] += vm.MemMB
+		}
+	}
+	best, bestFree := "", int64(-1)
+	for _, h := range hosts {
+		free := h.MemMB - used[h.ID]
+		if h.Status == fsm.HostAlive && free >= memMB && free > bestFree {
+			best, bestFree = h.ID, free
+		}
+	}
+	return best
+}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"regexp"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 
 	"github.com/hashicorp/go-msgpack/v2/codec"
@@ -32,6 +33,7 @@ const (
 	CmdTicketKill       CommandType = 0x09
 	CmdCheckpointCreate CommandType = 0x0a
 	CmdCreateClones     CommandType = 0x0b
+	CmdVMStarted        CommandType = 0x0c
 )
 
 // Limits on what a command may carry.
@@ -39,6 +41,7 @@ const (
 	MaxClonesPerTicket = 1024
 	MaxReason          = 512
 	MaxName            = 128
+	MaxCmd             = 2048 // a workload command rides on the kernel command line
 	maxSlots           = 1 << 20
 )
 
@@ -78,13 +81,24 @@ type HostFail struct {
 	Reason string
 }
 
-// VMCreate records a new parent VM and allocates its VM ID.
+// VMCreate records a new parent VM and allocates its VM ID. With Launch the
+// VM is pending until its host starts it (VMStarted); without, the host
+// already runs it.
 type VMCreate struct {
 	RequestID string
 	Name      string
 	Host      string
 	MemMB     int64
 	VCPUs     int
+	Launch    bool
+	Kernel    string
+	Initrd    string
+	Cmd       string
+}
+
+// VMStarted records that a host launched a pending parent VM.
+type VMStarted struct {
+	VMID uint64
 }
 
 // VMEnd records that a VM is gone. A clone VM that ends before exiting has
@@ -172,6 +186,7 @@ func (*HostRegister) Type() CommandType     { return CmdHostRegister }
 func (*HostFail) Type() CommandType         { return CmdHostFail }
 func (*VMCreate) Type() CommandType         { return CmdVMCreate }
 func (*VMEnd) Type() CommandType            { return CmdVMEnd }
+func (*VMStarted) Type() CommandType        { return CmdVMStarted }
 func (*TicketCreate) Type() CommandType     { return CmdTicketCreate }
 func (*DescriptorCreate) Type() CommandType { return CmdDescriptorCreate }
 func (*CloneUpdate) Type() CommandType      { return CmdCloneUpdate }
@@ -214,6 +229,8 @@ func newCommand(t CommandType) Command {
 		return &CheckpointCreate{}
 	case CmdCreateClones:
 		return &CreateClones{}
+	case CmdVMStarted:
+		return &VMStarted{}
 	}
 	return nil
 }
@@ -369,6 +386,27 @@ func (c *VMCreate) Validate() error {
 	}
 	if c.VCPUs < 0 || c.VCPUs > 1024 {
 		return fmt.Errorf("%w: vcpus %d out of range", ErrInvalid, c.VCPUs)
+	}
+	for _, f := range []struct{ what, v string }{{"kernel", c.Kernel}, {"initrd", c.Initrd}} {
+		if err := validateText(f.what, f.v, 4096); err != nil {
+			return err
+		}
+		if f.v != "" && !strings.HasPrefix(f.v, "/") {
+			return fmt.Errorf("%w: %s path %q must be absolute", ErrInvalid, f.what, f.v)
+		}
+	}
+	if err := validateText("cmd", c.Cmd, MaxCmd); err != nil {
+		return err
+	}
+	if !c.Launch && (c.Kernel != "" || c.Initrd != "" || c.Cmd != "") {
+		return fmt.Errorf("%w: kernel, initrd and cmd only go with launch", ErrInvalid)
+	}
+	return nil
+}
+
+func (c *VMStarted) Validate() error {
+	if c.VMID == 0 {
+		return fmt.Errorf("%w: vm id 0", ErrInvalid)
 	}
 	return nil
 }

@@ -158,6 +158,8 @@ func (s *state) apply(idx uint64, c Command) *Result {
 		res.ID, res.Err = s.vmCreate(idx, c)
 	case *VMEnd:
 		res.Err = s.vmEnd(idx, c)
+	case *VMStarted:
+		res.Err = s.vmStarted(idx, c)
 	case *TicketCreate:
 		res.ID, res.Err = s.ticketCreate(idx, c)
 	case *DescriptorCreate:
@@ -242,9 +244,31 @@ func (s *state) vmCreate(idx uint64, c *VMCreate) (uint64, error) {
 	}
 	id := s.nextVM
 	s.nextVM++
-	s.vms[id] = &VM{ID: id, Name: c.Name, Host: c.Host, Role: RoleParent, State: VMRunning,
-		MemMB: c.MemMB, VCPUs: c.VCPUs, CreateIndex: idx, ModifyIndex: idx}
+	state := VMRunning
+	if c.Launch {
+		state = VMPending
+	}
+	s.vms[id] = &VM{ID: id, Name: c.Name, Host: c.Host, Role: RoleParent, State: state,
+		MemMB: c.MemMB, VCPUs: c.VCPUs, Kernel: c.Kernel, Initrd: c.Initrd, Cmd: c.Cmd, CreateIndex: idx, ModifyIndex: idx}
 	return id, nil
+}
+
+func (s *state) vmStarted(idx uint64, c *VMStarted) error {
+	vm, ok := s.vms[c.VMID]
+	if !ok {
+		return fmt.Errorf("%w: vm %d", ErrNotFound, c.VMID)
+	}
+	if vm.Role != RoleParent {
+		return fmt.Errorf("%w: vm %d is a clone; its host reports it through the clone state", ErrBadState, c.VMID)
+	}
+	switch vm.State {
+	case VMRunning:
+		return nil // a host repeating itself after a leader change
+	case VMEnded:
+		return fmt.Errorf("%w: vm %d already ended", ErrBadState, c.VMID)
+	}
+	vm.State, vm.ModifyIndex = VMRunning, idx
+	return nil
 }
 
 func (s *state) vmEnd(idx uint64, c *VMEnd) error {

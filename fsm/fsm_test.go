@@ -1318,7 +1318,7 @@ func TestEncodeDecode(t *testing.T) {
 		}
 		types[c.Type()] = true
 	}
-	for ct := CmdHostRegister; ct <= CmdCreateClones; ct++ {
+	for ct := CmdHostRegister; ct <= CmdVMStarted; ct++ {
 		if !types[ct] {
 			t.Errorf("allCommands lacks type %#x", ct)
 		}
@@ -1370,5 +1370,44 @@ func TestFSM_CloneMayClone(t *testing.T) {
 	}
 	if vm := x.vm(ids[0]); vm.State != VMEnded || vm.Reason != "" {
 		t.Fatalf("exited clone vm: %s %q", vm.State, vm.Reason)
+	}
+}
+
+// TestFSM_VMLaunch: a VM created with Launch is pending until its host starts
+// it; it cannot request tickets before; VMStarted repeats harmlessly and is
+// refused for clones, unknown and ended VMs.
+func TestFSM_VMLaunch(t *testing.T) {
+	x := newWorld(t)
+	id := x.must(&VMCreate{Name: "web", Host: "h1", MemMB: 256, VCPUs: 1, Launch: true, Cmd: "sfguest ticket 4"})
+	if vm := x.vm(id); vm.State != VMPending || vm.Cmd != "sfguest ticket 4" {
+		t.Fatalf("launched vm: %+v", vm)
+	}
+	if r := x.apply(&TicketCreate{ParentVM: id, Requested: 1, Placements: []string{"h2"}}); !errors.Is(r.Err, ErrBadState) {
+		t.Fatalf("ticket of a pending vm: %v", r.Err)
+	}
+	x.must(&VMStarted{VMID: id})
+	x.must(&VMStarted{VMID: id})
+	if vm := x.vm(id); vm.State != VMRunning {
+		t.Fatalf("started vm is %s", vm.State)
+	}
+	clones := x.clone(x.ticket(id, "h2"))
+	for i, tt := range []struct {
+		c    Command
+		want error
+	}{
+		{&VMStarted{VMID: clones[0]}, ErrBadState},
+		{&VMStarted{VMID: 999}, ErrNotFound},
+		{&VMStarted{}, ErrInvalid},
+		{&VMCreate{Name: "x", Host: "h1", Kernel: "/k"}, ErrInvalid},
+		{&VMCreate{Name: "x", Host: "h1", Launch: true, Kernel: "relative/k"}, ErrInvalid},
+		{&VMCreate{Name: "x", Host: "h1", Launch: true, Cmd: strings.Repeat("c", MaxCmd+1)}, ErrInvalid},
+	} {
+		if r := x.apply(tt.c); !errors.Is(r.Err, tt.want) {
+			t.Errorf("#%d %T: got %v, want %v", i, tt.c, r.Err, tt.want)
+		}
+	}
+	x.must(&VMEnd{VMID: id, Reason: "stopped"})
+	if r := x.apply(&VMStarted{VMID: id}); !errors.Is(r.Err, ErrBadState) {
+		t.Fatalf("start of an ended vm: %v", r.Err)
 	}
 }

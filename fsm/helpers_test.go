@@ -293,6 +293,9 @@ func allCommands() []Command {
 		&CreateClones{RequestID: "cc-req", Ticket: 2, Checkpoint: 1, Caller: 2},
 		&TicketKill{RequestID: "kill-req", Ticket: 2, Caller: 0, Reason: "operator"},
 		&VMEnd{VMID: 2, Reason: "shutdown"},
+		&VMCreate{RequestID: "launch-req", Name: "p4", Host: "h4", MemMB: 128, VCPUs: 1, Launch: true,
+			Kernel: "/srv/vmlinux", Cmd: "sfguest ticket 2"},
+		&VMStarted{VMID: 7},
 		&HostFail{ID: "h4", Left: true},
 		&HostFail{ID: "h3", Reason: "gossip dead"},
 	}

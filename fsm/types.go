@@ -66,7 +66,7 @@ type VMState string
 
 // VM states.
 const (
-	VMPending VMState = "pending" // clone VM assigned, not yet running
+	VMPending VMState = "pending" // assigned to its host, not yet running
 	VMRunning VMState = "running"
 	VMEnded   VMState = "ended"
 )
@@ -83,6 +83,12 @@ type VM struct {
 	MemMB  int64   `json:"mem_mb"`
 	VCPUs  int     `json:"vcpus"`
 	Reason string  `json:"reason,omitempty"` // why it ended, when it did
+	// Spec, for a parent VM that its host launches: kernel and initramfs
+	// paths on the host (empty: the host's own guest image) and the workload
+	// shell command.
+	Kernel string `json:"kernel,omitempty"`
+	Initrd string `json:"initrd,omitempty"`
+	Cmd    string `json:"cmd,omitempty"`
 	// For clones: the ticket, the clone ID k within it and the parent VM.
 	Ticket      uint64 `json:"ticket,omitempty"`
 	CloneID     int    `json:"clone_id,omitempty"`

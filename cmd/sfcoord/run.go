@@ -94,6 +94,8 @@ func Run(args []string, stdout, stderr io.Writer) int {
 		default:
 			err = usagef("unknown raft subcommand %q", rest[0])
 		}
+	case "vm":
+		err = runVM(rest, stdout)
 	case "join":
 		err = runClient(cmd, rest, stdout, nil, join)
 	case "leave":
@@ -145,6 +147,7 @@ func runKeygen(args []string, stdout io.Writer) error {
 // cmdCtx is what a client command gets.
 type cmdCtx struct {
 	ctx    context.Context
+	token  string
 	client *api.Client
 	json   bool
 	args   []string
@@ -174,7 +177,7 @@ func runClient(name string, args []string, stdout io.Writer, extra func(*pflag.F
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	return f(&cmdCtx{ctx: ctx, client: c, json: *asJSON, args: fs.Args(), out: stdout})
+	return f(&cmdCtx{ctx: ctx, token: *token, client: c, json: *asJSON, args: fs.Args(), out: stdout})
 }
 
 // normalizeJSONFlag accepts Consul's single-dash -json as well as --json.
