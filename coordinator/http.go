@@ -3,8 +3,6 @@ package coordinator
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/snowflock-go/snowflock/api"
@@ -59,10 +56,6 @@ func (s *Server) startHTTP() {
 
 // middleware authenticates, caps bodies and records metrics.
 func (s *Server) middleware(next http.Handler) http.Handler {
-	var want [32]byte
-	if s.cfg.Token != "" {
-		want = sha256.Sum256([]byte(s.cfg.Token))
-	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
@@ -74,9 +67,7 @@ func (s *Server) middleware(next http.Handler) http.Handler {
 			s.mx.observeRequest(route, sw.code, time.Since(start))
 		}()
 		if s.cfg.Token != "" {
-			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			sum := sha256.Sum256([]byte(got))
-			if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			if !api.TokenMatches(r.Header.Get("Authorization"), s.cfg.Token) {
 				sw.Header().Set("WWW-Authenticate", `Bearer realm="snowflock"`)
 				writeError(sw, http.StatusUnauthorized, api.CodeUnauthorized, "missing or wrong bearer token")
 				return

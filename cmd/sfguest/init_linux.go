@@ -23,6 +23,9 @@ const (
 	workloadFile = "/etc/sfguest/workload"
 )
 
+// readyTimeout bounds the wait for the host to acknowledge ready.
+const readyTimeout = 2 * time.Second
+
 // ReadyMarker starts the console line that says the guest is up; hosts and
 // tests wait for it.
 const ReadyMarker = "sfguest: ready"
@@ -70,6 +73,12 @@ func initSystem() error {
 	}
 	os.Setenv("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
 	os.Setenv("HOME", "/root")
+	// Workloads call the CLI by name; the binary is this init.
+	if _, err := os.Lstat("/bin/sfguest"); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll("/bin", 0o755); err == nil {
+			_ = os.Symlink("/init", "/bin/sfguest")
+		}
+	}
 	return loadModules()
 }
 
@@ -125,14 +134,14 @@ func serveChannel(ctx context.Context) error {
 		_ = guest.Serve(ctx, ln, mux)
 		mux.Close()
 	}()
-	// Tell the host we are up, without holding the boot on an absent host.
-	go func() {
-		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		if err := guest.NewClient(mux).Ready(rctx); err != nil {
-			logf("ready call: %v", err)
-		}
-	}()
+	// Tell the host we are up before the workload runs, so that "ready"
+	// means the channel works; bounded, so an absent host (QEMU drops what
+	// the guest writes while nobody listens) cannot hold the boot long.
+	rctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	if err := guest.NewClient(mux).Ready(rctx); err != nil {
+		logf("ready call unanswered: %v", err)
+	}
 	return nil
 }
 

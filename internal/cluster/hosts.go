@@ -1,0 +1,101 @@
+package cluster
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+)
+
+// Host is one sfhostd process.
+type Host struct {
+	ID, DataDir, LogPath string
+	APIAddr, GossipAddr  string
+	cmd                  *exec.Cmd
+	exited               chan struct{}
+}
+
+// Running reports whether the host daemon's process is alive.
+func (h *Host) Running() bool {
+	if h.cmd == nil {
+		return false
+	}
+	select {
+	case <-h.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// PID is the daemon's process ID.
+func (h *Host) PID() int { return h.cmd.Process.Pid }
+
+// StartHost starts an sfhostd agent that joins the cluster. extra flags are
+// appended (e.g. --sfguest, --image-cache, --slots).
+func (c *Cluster) StartHost(bin, id string, extra ...string) (*Host, error) {
+	h := &Host{ID: id, DataDir: filepath.Join(c.Dir, id), LogPath: filepath.Join(c.Dir, id+".log")}
+	var err error
+	if h.APIAddr, err = freeAddr(); err != nil {
+		return nil, err
+	}
+	if h.GossipAddr, err = freeAddr(); err != nil {
+		return nil, err
+	}
+	return h, c.RestartHost(bin, h, extra...)
+}
+
+// RestartHost starts h's daemon again with the same addresses and data dir.
+func (c *Cluster) RestartHost(bin string, h *Host, extra ...string) error {
+	args := []string{"agent", "--node-id", h.ID, "--data-dir", h.DataDir, "--api-addr", h.APIAddr,
+		"--gossip-addr", h.GossipAddr, "--log-level", "info"}
+	for _, a := range c.Agents {
+		args = append(args, "--join", a.GossipAddr, "--coordinator", a.HTTPAddr)
+	}
+	if c.Token != "" {
+		args = append(args, "--token", c.Token)
+	}
+	if c.Key != "" {
+		args = append(args, "--encrypt", c.Key)
+	}
+	args = append(args, extra...)
+	logf, err := os.OpenFile(h.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), "SF_TOKEN=", "SF_ENCRYPT=")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return fmt.Errorf("start host %s: %w", h.ID, err)
+	}
+	h.cmd, h.exited = cmd, make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { // owned by the process: ends when it exits
+		_ = cmd.Wait()
+		logf.Close()
+		close(done)
+	}(cmd, h.exited)
+	return nil
+}
+
+// KillHost sends SIGKILL to the daemon only (not its process group, so that
+// a test can check that its VMs die with it) and waits for it to die.
+func (c *Cluster) KillHost(h *Host) {
+	if !h.Running() {
+		return
+	}
+	_ = h.cmd.Process.Kill()
+	<-h.exited
+}
+
+// StopHost asks the daemon to shut down (SIGTERM) and waits.
+func (c *Cluster) StopHost(h *Host) {
+	if !h.Running() {
+		return
+	}
+	_ = h.cmd.Process.Signal(syscall.SIGTERM)
+	<-h.exited
+}
