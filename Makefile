@@ -4,12 +4,13 @@ GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 BIN := bin
 FUZZTIME ?= 30s
 
-.PHONY: all build test vet fmt-check demo bench bench-coord fuzz clean
+.PHONY: all build test vet fmt-check demo bench bench-coord bench-boot fuzz clean
 
 all: build
 
+# Static binaries (no cgo): sfguest runs as /init in the guest.
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
 
 fmt-check:
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.cache/*')); \
@@ -23,13 +24,17 @@ vet:
 test: fmt-check vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 
+# Real processes on 127.0.0.1: 3 sfcoord, 2 sfhostd, a VM under QEMU.
 demo: build
 	$(BIN)/sfdemo
 
-bench: bench-coord
+bench: bench-coord bench-boot
 
 bench-coord:
 	$(GO) run ./bench/coord -out bench/results/coord.json
+
+bench-boot: build
+	$(GO) run ./bench/boot -bin $(BIN) -out bench/results/boot.json
 
 # Runs every fuzz target for FUZZTIME each.
 fuzz:

@@ -1,25 +1,30 @@
-// Command sfdemo runs the snowflock-go demo on an embedded local cluster:
-// three coordinators and two hosts in one process, on 127.0.0.1, over real
-// raft, bolt and gossip. It walks through the SnowFlock API at the control
-// plane level (tickets, clone, exit, join), kills the raft leader, shows the
-// failover, and removes everything it created.
+// Command sfdemo runs the snowflock-go demo on a local cluster of real
+// processes on 127.0.0.1: it builds the guest image, starts three sfcoord
+// agents and two sfhostd hosts, boots a VM under QEMU whose workload calls
+// the SnowFlock API from inside the guest (sfguest id, ticket 4, tickets),
+// shows what it got and how long it took, kills the raft leader to show the
+// failover, and removes everything it started. It expects sfcoord, sfhostd
+// and a static sfguest next to itself (make demo builds them into bin/).
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
 	"github.com/snowflock-go/snowflock/api"
-	"github.com/snowflock-go/snowflock/coordinator"
 	"github.com/snowflock-go/snowflock/fsm"
 	"github.com/snowflock-go/snowflock/gossip"
+	"github.com/snowflock-go/snowflock/internal/cluster"
 )
 
 func main() {
@@ -28,286 +33,301 @@ func main() {
 
 // Run executes the demo and returns the exit status.
 func Run(args []string, out io.Writer) int {
-	if len(args) > 0 {
-		fmt.Fprintln(os.Stderr, "usage: sfdemo (no arguments)")
+	if len(args) > 1 {
+		fmt.Fprintln(os.Stderr, "usage: sfdemo [BINDIR]")
 		return 2
 	}
-	d := &demo{out: out}
+	binDir := ""
+	if len(args) == 1 {
+		binDir = args[0]
+	} else if exe, err := os.Executable(); err == nil {
+		binDir = filepath.Dir(exe)
+	}
+	d := &demo{out: out, bin: binDir}
 	err := d.run()
 	d.cleanup()
 	if err != nil {
 		fmt.Fprintf(out, "\nDEMO FAILED: %v\n", err)
+		if d.dir != "" {
+			fmt.Fprintf(out, "(logs were in %s)\n", d.dir)
+		}
 		return 1
 	}
-	fmt.Fprintln(out, "\nDemo finished; everything it started has been stopped and removed.")
+	fmt.Fprintln(out, "\nDemo finished; every process it started has been stopped and its files removed.")
 	return 0
 }
 
 type demo struct {
-	out     io.Writer
-	dir     string
-	servers []*coordinator.Server
-	hosts   []*gossip.Agent
+	out   io.Writer
+	bin   string
+	dir   string
+	c     *cluster.Cluster
+	hosts []*cluster.Host
 }
 
 func (d *demo) say(format string, a ...interface{}) { fmt.Fprintf(d.out, format+"\n", a...) }
 
 func (d *demo) cleanup() {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for _, h := range d.hosts {
-		_ = h.Shutdown()
-	}
-	for _, s := range d.servers {
-		if s != nil {
-			_ = s.Shutdown(ctx)
+	if d.c != nil {
+		for _, h := range d.hosts {
+			d.c.StopHost(h)
 		}
+		d.c.Stop()
 	}
 	if d.dir != "" {
 		os.RemoveAll(d.dir)
 	}
 }
 
-func (d *demo) waitFor(what string, limit time.Duration, cond func() bool) (time.Duration, error) {
+func (d *demo) path(name string) (string, error) {
+	p := filepath.Join(d.bin, name)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("%s not found next to sfdemo (run 'make demo', which builds bin/)", name)
+	}
+	return p, nil
+}
+
+func waitFor(ctx context.Context, what string, cond func() bool) (time.Duration, error) {
 	start := time.Now()
 	for !cond() {
-		if time.Since(start) > limit {
-			return 0, fmt.Errorf("timed out after %s waiting for %s", limit, what)
+		select {
+		case <-ctx.Done():
+			return 0, fmt.Errorf("timed out waiting for %s", what)
+		case <-time.After(20 * time.Millisecond):
 		}
-		time.Sleep(5 * time.Millisecond)
 	}
 	return time.Since(start), nil
 }
 
-func (d *demo) leader() *coordinator.Server {
-	for _, s := range d.servers {
-		if s != nil && s.IsLeader() {
-			return s
-		}
-	}
-	return nil
-}
-
 func (d *demo) run() error {
-	var err error
+	sfcoord, err := d.path("sfcoord")
+	if err != nil {
+		return err
+	}
+	sfhostd, err := d.path("sfhostd")
+	if err != nil {
+		return err
+	}
+	sfguest, err := d.path("sfguest")
+	if err != nil {
+		return err
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		return fmt.Errorf("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
+	}
 	if d.dir, err = os.MkdirTemp("", "sfdemo-"); err != nil {
 		return err
 	}
-	key, _ := gossip.GenerateKey()
-	gossipKey, _ := gossip.DecodeKey(key)
-	token := api.NewRequestID()
-	// The demo narrates; raft's own complaints about the peer it kills would
-	// only interleave with that. Set SF_DEMO_LOG=debug to see them.
-	level := hclog.LevelFromString(os.Getenv("SF_DEMO_LOG"))
-	if level == hclog.NoLevel {
-		level = hclog.Off
-	}
-	logger := hclog.New(&hclog.LoggerOptions{Level: level, Output: os.Stderr})
-
-	d.say("== snowflock-go demo: the coordinator cluster")
-	d.say("Starting 3 coordinators on 127.0.0.1 (raft on bolt, gossip encrypted, API token required) ...")
-	start := time.Now()
-	for i := 0; i < 3; i++ {
-		cfg := coordinator.Config{NodeID: fmt.Sprintf("coord-%d", i+1), DataDir: fmt.Sprintf("%s/coord-%d", d.dir, i+1),
-			RaftAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", BootstrapExpect: 3,
-			Token: token, GossipKey: gossipKey, ReconcileInterval: time.Second, Logger: logger.Named(fmt.Sprintf("coord-%d", i+1))}
-		if i > 0 {
-			cfg.Join = []string{d.servers[0].GossipAddr()}
-		}
-		s, err := coordinator.New(cfg)
-		if err != nil {
-			return err
-		}
-		d.servers = append(d.servers, s)
-	}
-	if _, err := d.waitFor("a leader", 15*time.Second, func() bool { return d.leader() != nil }); err != nil {
-		return err
-	}
-	d.say("  cluster formed by bootstrap-expect; leader %s elected %d ms after start", d.leader().NodeID(), time.Since(start).Milliseconds())
-
-	d.say("Joining 2 hosts by gossip (host-1: 4 clone slots, host-2: 4 clone slots) ...")
-	for i, slots := range []int{4, 4} {
-		a, err := gossip.New(gossip.Config{Name: fmt.Sprintf("host-%d", i+1), BindAddr: "127.0.0.1:0", Key: gossipKey,
-			Meta: gossip.Meta{Role: gossip.RoleHost, API: fmt.Sprintf("127.0.0.1:%d", 7500+i), Slots: slots, MemMB: 8192}, Logger: logger})
-		if err != nil {
-			return err
-		}
-		d.hosts = append(d.hosts, a)
-		if _, err := a.Join([]string{d.servers[0].GossipAddr()}); err != nil {
-			return err
-		}
-	}
-	took, err := d.waitFor("hosts registered", 10*time.Second, func() bool {
-		l := d.leader()
-		if l == nil {
-			return false
-		}
-		hs, _ := l.FSM().Hosts()
-		return len(hs) == 2
-	})
-	if err != nil {
-		return err
-	}
-	d.say("  the leader registered both hosts through raft in %d ms", took.Milliseconds())
-
-	var addrs []string
-	for _, s := range d.servers {
-		addrs = append(addrs, s.HTTPAddr())
-	}
-	c, err := api.NewClient(api.Config{Addrs: addrs, Token: token})
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 
-	members, err := c.Members(ctx)
+	d.say("== snowflock-go demo: 3 coordinators, 2 hosts, a VM that calls the SnowFlock API from inside")
+	d.say("Building the guest image (Debian's kernel + an initramfs with sfguest as /init);")
+	d.say("the first run downloads Debian's kernel package (~70 MB) with apt-get, later runs use the cache ...")
+	start := time.Now()
+	build := exec.CommandContext(ctx, sfhostd, "image", "build", "--sfguest", sfguest, "--log-level", "warn")
+	var buildOut bytes.Buffer
+	build.Stdout, build.Stderr = &buildOut, &buildOut
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("image build: %v\n%s", err, buildOut.String())
+	}
+	for _, l := range strings.Split(strings.TrimSpace(buildOut.String()), "\n") {
+		d.say("  %s", l)
+	}
+	d.say("  image ready in %.1f s", time.Since(start).Seconds())
+
+	key, err := gossip.GenerateKey() // gossip encrypted and API token required, as in production
+	if err != nil {
+		return err
+	}
+	token := api.NewRequestID()
+	if d.c, err = cluster.New(sfcoord, d.dir, 3, token, key); err != nil {
+		return err
+	}
+	d.say("\nStarting 3 coordinators (sfcoord agent --bootstrap-expect 3) ...")
+	start = time.Now()
+	if err := d.c.StartAll(); err != nil {
+		return err
+	}
+	lctx, lcancel := context.WithTimeout(ctx, 30*time.Second)
+	leader, err := d.c.Leader(lctx, 3)
+	lcancel()
+	if err != nil {
+		return err
+	}
+	d.say("  leader %s elected %d ms after start", d.c.Agents[leader].ID, time.Since(start).Milliseconds())
+
+	d.say("Starting 2 hosts (sfhostd agent) ...")
+	start = time.Now()
+	for _, id := range []string{"host-1", "host-2"} {
+		h, err := d.c.StartHost(sfhostd, id, "--sfguest", sfguest, "--slots", "4", "--mem", "2048")
+		if err != nil {
+			return err
+		}
+		d.hosts = append(d.hosts, h)
+	}
+	c := d.c.Client()
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	_, err = waitFor(wctx, "hosts to register", func() bool {
+		hs, _, err := c.Hosts(wctx, nil)
+		return err == nil && len(hs) == 2
+	})
+	wcancel()
+	if err != nil {
+		return err
+	}
+	d.say("  both hosts joined the gossip pool and were registered through raft in %d ms", time.Since(start).Milliseconds())
+	if err := d.members(ctx, c); err != nil {
+		return err
+	}
+
+	cmd := "sfguest id; sfguest ticket 4; sfguest tickets"
+	d.say("\n$ sfcoord vm run --mem 256M --cmd '%s'", cmd)
+	start = time.Now()
+	vm, err := c.CreateVM(ctx, api.VMRequest{Name: "demo", MemMB: 256, VCPUs: 1, Launch: true, Cmd: cmd})
+	if err != nil {
+		return err
+	}
+	d.say("VM %d scheduled on %s; it boots under QEMU, runs the workload and powers off ...", vm.ID, vm.Host)
+	var index uint64
+	running := time.Duration(0)
+	for {
+		v, meta, err := c.VM(ctx, vm.ID, &api.QueryOptions{Index: index, Wait: 10 * time.Second})
+		if err != nil {
+			return err
+		}
+		index = meta.Index
+		if v.State == fsm.VMRunning && running == 0 {
+			running = time.Since(start)
+			d.say("  VM %d running after %d ms (QEMU started, guest booting)", vm.ID, running.Milliseconds())
+		}
+		if v.State == fsm.VMEnded {
+			d.say("  VM %d ended after %.2f s: %s", vm.ID, time.Since(start).Seconds(), v.Reason)
+			break
+		}
+		if time.Since(start) > 5*time.Minute {
+			return fmt.Errorf("VM %d still %s after 5 minutes", vm.ID, v.State)
+		}
+	}
+	console, err := d.console(ctx, vm.Host, vm.ID, token)
+	if err != nil {
+		return err
+	}
+	d.say("\n$ sfcoord vm logs %d", vm.ID)
+	for _, l := range strings.Split(console, "\n") {
+		if strings.Contains(l, "sfguest") || strings.HasPrefix(l, "VM ") || strings.HasPrefix(l, "ticket ") ||
+			strings.HasPrefix(l, "Ticket") || regexp.MustCompile(`^\d+\s`).MatchString(l) {
+			d.say("  %s", strings.TrimPrefix(l, "Booting from ROM.."))
+		}
+	}
+	if m := regexp.MustCompile(`sfguest: ready in (\d+) ms \(kernel uptime ([0-9.]+) s\)`).FindStringSubmatch(console); m != nil {
+		d.say("Boot: the guest kernel was up for %s s when sfguest (PID 1) was ready, %s ms after it started;", m[2], m[1])
+		d.say("      from 'vm run' to the VM running on its host: %d ms (accelerator: TCG on this machine, KVM where real)", running.Milliseconds())
+	}
+
+	d.say("\n== Failover: kill -9 the raft leader")
+	leader, err = d.c.Leader(ctx, 3)
+	if err != nil {
+		return err
+	}
+	killed := time.Now()
+	d.c.Kill(leader)
+	d.say("%s killed. $ sfcoord vm run --cmd 'sfguest ticket 2'", d.c.Agents[leader].ID)
+	vm2, err := c.CreateVM(ctx, api.VMRequest{Name: "after-failover", MemMB: 256, VCPUs: 1, Launch: true, Cmd: "sfguest ticket 2"})
+	if err != nil {
+		return err
+	}
+	d.say("  acknowledged %d ms after the kill: VM %d scheduled on %s", time.Since(killed).Milliseconds(), vm2.ID, vm2.Host)
+	if _, err := d.waitEnded(ctx, c, vm2.ID); err != nil {
+		return err
+	}
+	console, err = d.console(ctx, vm2.Host, vm2.ID, token)
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(console, "\n") {
+		if strings.HasPrefix(l, "ticket ") {
+			d.say("  inside VM %d: %s", vm2.ID, l)
+		}
+	}
+	st, err := c.Status(ctx)
+	if err != nil {
+		return err
+	}
+	d.say("new leader %s, term %d, commit index %d", st.LeaderID, st.Term, st.CommitIndex)
+	return d.tickets(ctx, c)
+}
+
+// waitEnded follows a VM with blocking queries until it ends.
+func (d *demo) waitEnded(ctx context.Context, c *api.Client, id uint64) (fsm.VM, error) {
+	var index uint64
+	deadline := time.Now().Add(5 * time.Minute)
+	for time.Now().Before(deadline) {
+		v, meta, err := c.VM(ctx, id, &api.QueryOptions{Index: index, Wait: 10 * time.Second})
+		if err != nil {
+			return v, err
+		}
+		if v.State == fsm.VMEnded {
+			return v, nil
+		}
+		index = meta.Index
+	}
+	return fsm.VM{}, fmt.Errorf("VM %d did not end within 5 minutes", id)
+}
+
+func (d *demo) members(ctx context.Context, c *api.Client) error {
+	ms, err := c.Members(ctx)
 	if err != nil {
 		return err
 	}
 	d.say("\n$ sfcoord members")
-	rows := [][]string{}
-	for _, m := range members {
+	tw := tabwriter.NewWriter(d.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "Node\tAddress\tStatus\tRole\tCapacity")
+	for _, m := range ms {
 		capacity := "-"
-		if m.Role == string(gossip.RoleHost) {
+		if m.Role == "host" {
 			capacity = fmt.Sprintf("%d slots, %d MiB", m.Slots, m.MemMB)
 		}
-		rows = append(rows, []string{m.Name, m.Addr, m.Status, m.Role, capacity})
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.Status, m.Role, capacity)
 	}
-	d.table([]string{"Node", "Address", "Status", "Role", "Capacity"}, rows)
-	if err := d.peers(ctx, c); err != nil {
-		return err
-	}
+	return tw.Flush()
+}
 
-	d.say("\n== The SnowFlock API, as the parent VM's host relays it")
-	parent, err := c.CreateVM(ctx, api.VMRequest{Name: "parent", Host: "host-1", MemMB: 1024, VCPUs: 1})
-	if err != nil {
-		return err
-	}
-	d.say("parent VM registered on host-1 with cluster-wide VM ID %d", parent.ID)
-	t0 := time.Now()
-	t1, err := c.RequestTicket(ctx, parent.ID, 3)
-	if err != nil {
-		return err
-	}
-	d.say("request_ticket(3) -> ticket %d: %d of %d granted, clones placed on %s (%.1f ms)", t1.ID, t1.Granted, t1.Requested,
-		strings.Join(t1.Placements, ", "), float64(time.Since(t0).Microseconds())/1000)
-	t2, err := c.RequestTicket(ctx, parent.ID, 8)
-	if err != nil {
-		return err
-	}
-	d.say("request_ticket(8) -> ticket %d: %d of %d granted (partial grant: only %d slots were free)", t2.ID, t2.Granted, t2.Requested, t2.Granted)
-	if _, err := c.RequestTicket(ctx, parent.ID, 1); err != nil {
-		d.say("request_ticket(1) -> refused: %v", err)
-	}
-	if _, err := c.KillTicket(ctx, t2.ID, parent.ID, "demo: not needed"); err != nil {
-		return err
-	}
-	d.say("kill(ticket %d) -> disposed, its 5 slots are free again", t2.ID)
-
-	sum := strings.Repeat("5e", 32)
-	cr, err := c.Clone(ctx, t1.ID, api.DescriptorRequest{ParentVM: parent.ID, Host: "host-1", Size: 180 << 10, SHA256: sum,
-		MemserverAddr: "127.0.0.1:7600", PageCount: 262144})
-	if err != nil {
-		return err
-	}
-	d.say("clone(ticket %d) -> descriptor %d registered; clones:", t1.ID, cr.Descriptor.ID)
-	for _, cl := range cr.Ticket.Clones {
-		d.say("  clone %d -> VM ID %d on %s (%s)", cl.K, cl.VMID, cl.Host, cl.State)
-	}
-	joinDone := make(chan error, 1)
-	var joined fsm.TicketView
-	go func() {
-		var err error
-		joined, err = c.JoinTicket(ctx, t1.ID, parent.ID)
-		joinDone <- err
-	}()
-	d.say("join(ticket %d) is now blocked in the parent, waiting on a blocking query ...", t1.ID)
-	for _, cl := range cr.Ticket.Clones {
-		if _, err := c.SetCloneState(ctx, cl.VMID, api.CloneStateRequest{State: fsm.CloneRunning}); err != nil {
-			return err
-		}
-	}
-	for _, cl := range cr.Ticket.Clones {
-		res := fmt.Sprintf("slice %d: sum=%d", cl.K, cl.K*1000+7)
-		if _, err := c.SetCloneState(ctx, cl.VMID, api.CloneStateRequest{State: fsm.CloneExited, Status: 0, Result: res}); err != nil {
-			return err
-		}
-		d.say("  clone %d calls exit(0, %q)", cl.K, res)
-	}
-	if err := <-joinDone; err != nil {
-		return err
-	}
-	d.say("join(ticket %d) returned; ticket %s. Outcomes:", t1.ID, joined.State)
-	rows = nil
-	for _, cl := range joined.Clones {
-		rows = append(rows, []string{fmt.Sprint(cl.K), fmt.Sprint(cl.VMID), cl.Host, string(cl.State), fmt.Sprint(cl.Status), cl.Result})
-	}
-	d.table([]string{"Clone", "VM", "Host", "State", "Status", "Result"}, rows)
-	if _, err := c.JoinTicket(ctx, t1.ID, 999); err != nil {
-		d.say("join(ticket %d) by VM 999 -> refused: %v", t1.ID, err)
-	}
-
-	d.say("\n== Failover: killing the raft leader")
-	old := d.leader()
-	var oldIdx int
-	for i, s := range d.servers {
-		if s == old {
-			oldIdx = i
-		}
-	}
-	killed := time.Now()
-	_ = old.Shutdown(context.Background())
-	d.servers[oldIdx] = nil
-	t3, err := c.RequestTicket(ctx, parent.ID, 2)
-	if err != nil {
-		return err
-	}
-	d.say("%s killed; request_ticket(2) acknowledged %d ms later by the new leader %s -> ticket %d",
-		old.NodeID(), time.Since(killed).Milliseconds(), d.leader().NodeID(), t3.ID)
-	if err := d.peers(ctx, c); err != nil {
-		return err
-	}
-	d.say("(%s stays a voter: a restarted node rejoins; 'sfcoord raft remove-peer' or --dead-server-timeout removes it)", old.NodeID())
-
+func (d *demo) tickets(ctx context.Context, c *api.Client) error {
 	ts, _, err := c.Tickets(ctx, 0, nil)
 	if err != nil {
 		return err
 	}
 	d.say("\n$ sfcoord tickets")
-	rows = nil
-	for _, t := range ts {
-		rows = append(rows, []string{fmt.Sprint(t.ID), fmt.Sprint(t.ParentVM), string(t.State), fmt.Sprintf("%d/%d", t.Granted, t.Requested), strings.Join(t.Placements, ",")})
-	}
-	d.table([]string{"Ticket", "Parent VM", "State", "Granted", "Placements"}, rows)
-	st, err := c.Status(ctx)
-	if err != nil {
-		return err
-	}
-	d.say("\n$ sfcoord status\nNode %s  State %s  Leader %s  Term %d  Commit %d  Applied %d",
-		st.NodeID, st.State, st.LeaderID, st.Term, st.CommitIndex, st.AppliedIndex)
-	return nil
-}
-
-func (d *demo) peers(ctx context.Context, c *api.Client) error {
-	ps, err := c.Peers(ctx)
-	if err != nil {
-		return err
-	}
-	d.say("\n$ sfcoord raft list-peers")
-	var rows [][]string
-	for _, p := range ps {
-		rows = append(rows, []string{p.ID, p.Address, p.State, fmt.Sprint(p.Voter)})
-	}
-	d.table([]string{"Node", "Address", "State", "Voter"}, rows)
-	return nil
-}
-
-func (d *demo) table(header []string, rows [][]string) {
 	tw := tabwriter.NewWriter(d.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, strings.Join(header, "\t"))
-	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	fmt.Fprintln(tw, "Ticket\tParent VM\tState\tGranted\tPlacements")
+	for _, t := range ts {
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%d/%d\t%s\n", t.ID, t.ParentVM, t.State, t.Granted, t.Requested, strings.Join(t.Placements, ","))
 	}
-	tw.Flush()
+	return tw.Flush()
+}
+
+// console fetches a VM's console from its host, as sfcoord vm logs does.
+func (d *demo) console(ctx context.Context, host string, id uint64, token string) (string, error) {
+	for _, h := range d.hosts {
+		if h.ID != host {
+			continue
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://%s/v1/vms/%d/console", h.APIAddr, id), nil)
+		if err != nil {
+			return "", err
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return "", fmt.Errorf("console of vm %d: %s %s", id, resp.Status, b)
+		}
+		return string(b), err
+	}
+	return "", fmt.Errorf("no host %s", host)
 }

@@ -1,0 +1,145 @@
+//go:build linux
+
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/snowflock-go/snowflock/api"
+	"github.com/snowflock-go/snowflock/fsm"
+	"github.com/snowflock-go/snowflock/internal/cluster"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "sfhostd-test-")
+	if err != nil {
+		panic(err)
+	}
+	for _, c := range []string{"sfcoord", "sfhostd", "sfguest"} {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, c), "../"+c)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			os.RemoveAll(dir)
+			panic("build " + c + ": " + err.Error() + "\n" + string(out))
+		}
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// alive reports whether pid runs: a zombie (dead, not yet reaped by whoever
+// adopted it) does not count.
+func alive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && b[i+2] != 'Z' && syscall.Kill(pid, 0) == nil
+}
+
+// TestKillHostdLeavesNoQEMU: kill -9 of sfhostd takes its VMs' QEMU with it;
+// the cluster fails the VM when gossip declares the host dead; a restarted
+// sfhostd reaps the leftover files and serves again.
+func TestKillHostdLeavesNoQEMU(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("qemu-system-x86_64 is required in CI")
+		}
+		t.Skip("qemu-system-x86_64 not installed")
+	}
+	dir := t.TempDir()
+	c, err := cluster.New(filepath.Join(binDir, "sfcoord"), dir, 1, "tok", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Stop)
+	if err := c.StartAll(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if _, err := c.Leader(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	hostBin := filepath.Join(binDir, "sfhostd")
+	hostArgs := []string{"--sfguest", filepath.Join(binDir, "sfguest")}
+	h, err := c.StartHost(hostBin, "h1", hostArgs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.StopHost(h) })
+	cl := c.Client()
+	logs := func() string { b, _ := os.ReadFile(h.LogPath); return string(b) }
+	waitFor(t, 2*time.Minute, "host registered", func() bool {
+		hs, _, err := cl.Hosts(ctx, nil)
+		return err == nil && len(hs) == 1 && hs[0].Status == fsm.HostAlive
+	})
+	vm, err := cl.CreateVM(ctx, api.VMRequest{Name: "long", MemMB: 128, Launch: true, Cmd: "sfguest id; sleep 600"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pidFile := filepath.Join(h.DataDir, "vms", "vm-"+strconv.FormatUint(vm.ID, 10), "qemu.pid")
+	var qemuPID int
+	waitFor(t, time.Minute, "QEMU running", func() bool {
+		b, err := os.ReadFile(pidFile)
+		if err != nil {
+			return false
+		}
+		qemuPID, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+		return qemuPID > 0 && alive(qemuPID)
+	})
+	waitFor(t, time.Minute, "VM running in the cluster", func() bool {
+		v, _, err := cl.VM(ctx, vm.ID, nil)
+		return err == nil && v.State == fsm.VMRunning
+	})
+
+	killed := time.Now()
+	c.KillHost(h)
+	waitFor(t, 5*time.Second, "QEMU to die with sfhostd", func() bool { return !alive(qemuPID) })
+	t.Logf("QEMU gone %s after kill -9 of sfhostd", time.Since(killed).Round(time.Millisecond))
+	waitFor(t, 15*time.Second, "the cluster to end the VM", func() bool {
+		v, _, err := cl.VM(ctx, vm.ID, nil)
+		return err == nil && v.State == fsm.VMEnded
+	})
+	t.Logf("VM marked ended %s after the kill", time.Since(killed).Round(time.Millisecond))
+	if _, err := os.Stat(filepath.Dir(pidFile)); err != nil {
+		t.Fatalf("expected the dead daemon's run dir to remain until reaped: %v", err)
+	}
+
+	if err := c.RestartHost(hostBin, h, hostArgs...); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, time.Minute, "the restarted host to reap and rejoin", func() bool {
+		_, err := os.Stat(filepath.Dir(pidFile))
+		hs, _, herr := cl.Hosts(ctx, nil)
+		return os.IsNotExist(err) && herr == nil && len(hs) == 1 && hs[0].Status == fsm.HostAlive
+	})
+	if !bytes.Contains([]byte(logs()), []byte("reaped")) {
+		t.Logf("host log:\n%s", logs())
+	}
+}

@@ -1,0 +1,78 @@
+package hostd
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/snowflock-go/snowflock/qemuctl"
+)
+
+// QEMU runs VMs with qemuctl: one run directory per VM under RunRoot, RAM
+// files under RAMDir (a tmpfs).
+type QEMU struct {
+	RunRoot string
+	RAMDir  string        // "" is qemuctl's default
+	Accel   qemuctl.Accel // "" probes
+	Binary  string
+	Logger  hclog.Logger
+}
+
+// NewQEMU probes the accelerator once and returns the driver.
+func NewQEMU(ctx context.Context, runRoot, ramDir string, accel qemuctl.Accel, log hclog.Logger) (*QEMU, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	abs, err := filepath.Abs(runRoot)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(abs, 0o700); err != nil {
+		return nil, fmt.Errorf("hostd: run dir: %w", err)
+	}
+	if accel == "" {
+		var why string
+		accel, why = qemuctl.ProbeAccel(ctx)
+		log.Info("accelerator chosen", "accel", accel, "why", why)
+	}
+	return &QEMU{RunRoot: abs, RAMDir: ramDir, Accel: accel, Logger: log}, nil
+}
+
+// Name says "qemu/tcg" or "qemu/kvm".
+func (q *QEMU) Name() string { return "qemu/" + string(q.Accel) }
+
+// Reap kills QEMU processes a crashed daemon left and removes their files.
+func (q *QEMU) Reap() error {
+	n, err := qemuctl.Reap(q.RunRoot, q.Logger)
+	if n > 0 {
+		q.Logger.Info("reaped VMs of an earlier run", "count", n)
+	}
+	return err
+}
+
+// Start boots a VM.
+func (q *QEMU) Start(ctx context.Context, spec VMSpec) (RunningVM, error) {
+	vm, err := qemuctl.Start(ctx, qemuctl.Config{ID: spec.ID, Binary: q.Binary, Kernel: spec.Kernel, Initrd: spec.Initrd,
+		Append: spec.Append, MemMB: int(spec.MemMB), VCPUs: spec.VCPUs, RunDir: filepath.Join(q.RunRoot, spec.ID),
+		RAMDir: q.RAMDir, Accel: q.Accel, Logger: q.Logger.With("vm", spec.ID)})
+	if err != nil {
+		return nil, err
+	}
+	return &qemuVM{vm: vm}, nil
+}
+
+type qemuVM struct{ vm *qemuctl.VM }
+
+func (v *qemuVM) GuestChannel(ctx context.Context) (io.ReadWriteCloser, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", v.vm.GuestSocketPath())
+}
+
+func (v *qemuVM) ConsolePath() string               { return v.vm.ConsolePath() }
+func (v *qemuVM) Done() <-chan struct{}             { return v.vm.Wait() }
+func (v *qemuVM) Destroy(ctx context.Context) error { return v.vm.Destroy(ctx) }
