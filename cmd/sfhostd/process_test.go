@@ -143,3 +143,74 @@ func TestKillHostdLeavesNoQEMU(t *testing.T) {
 		t.Logf("host log:\n%s", logs())
 	}
 }
+
+// TestVMCommands drives sfcoord vm run, list, logs and stop (the real CLI
+// binary) against a real host: stop ends the VM and its QEMU.
+func TestVMCommands(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("qemu-system-x86_64 is required in CI")
+		}
+		t.Skip("qemu-system-x86_64 not installed")
+	}
+	dir := t.TempDir()
+	c, err := cluster.New(filepath.Join(binDir, "sfcoord"), dir, 1, "tok", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Stop)
+	if err := c.StartAll(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if _, err := c.Leader(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	h, err := c.StartHost(filepath.Join(binDir, "sfhostd"), "h1", "--sfguest", filepath.Join(binDir, "sfguest"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.StopHost(h) })
+	cl := c.Client()
+	waitFor(t, 2*time.Minute, "host registered", func() bool {
+		hs, _, err := cl.Hosts(ctx, nil)
+		return err == nil && len(hs) == 1
+	})
+	sfcoord := func(args ...string) (string, error) {
+		cmd := exec.Command(filepath.Join(binDir, "sfcoord"), append(args, "--addr", c.Agents[0].HTTPAddr, "--token", "tok")...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := sfcoord("vm", "run", "--mem", "128M", "--name", "web", "--cmd", "echo HELLO-FROM-GUEST; sleep 600")
+	if err != nil || !strings.Contains(out, "VM 1 scheduled on host h1") {
+		t.Fatalf("vm run: %v\n%s", err, out)
+	}
+	waitFor(t, time.Minute, "the guest's output in vm logs", func() bool {
+		out, err := sfcoord("vm", "logs", "1")
+		return err == nil && strings.Contains(out, "HELLO-FROM-GUEST")
+	})
+	out, err = sfcoord("vm", "list")
+	if err != nil || !strings.Contains(out, "web") || !strings.Contains(out, "running") {
+		t.Fatalf("vm list: %v\n%s", err, out)
+	}
+	pidBytes, err := os.ReadFile(filepath.Join(h.DataDir, "vms", "vm-1", "qemu.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuPID, _ := strconv.Atoi(strings.TrimSpace(string(pidBytes)))
+	if out, err := sfcoord("vm", "stop", "1"); err != nil || !strings.Contains(out, "VM 1 stopped") {
+		t.Fatalf("vm stop: %v\n%s", err, out)
+	}
+	waitFor(t, 15*time.Second, "QEMU to stop after vm stop", func() bool { return !alive(qemuPID) })
+	out, err = sfcoord("vm", "list", "-json")
+	if err != nil || !strings.Contains(out, `"state": "ended"`) || !strings.Contains(out, "stopped by an operator") {
+		t.Fatalf("vm list after stop: %v\n%s", err, out)
+	}
+	if out, err := sfcoord("vm", "run", "--mem", "lots"); err == nil {
+		t.Fatalf("vm run --mem lots succeeded:\n%s", out)
+	}
+	if out, err := sfcoord("vm", "logs", "99"); err == nil {
+		t.Fatalf("vm logs of an unknown VM succeeded:\n%s", out)
+	}
+}
