@@ -1,0 +1,482 @@
+// Package lazyram is memory on demand for clones: a FUSE file system in
+// which each frozen snapshot of a parent VM appears as a RAM file that fills
+// itself lazily. A clone's QEMU maps that file MAP_PRIVATE (share=off), so
+// the clone's writes stay private while reads come through the page cache.
+//
+// Data flow: QEMU touches a page -> the kernel page cache misses -> FUSE
+// read -> lazyram serves the page from its local backing file if present,
+// answers zeros without any fetch if the descriptor's page map says the page
+// was never written (the avoidance heuristic), and otherwise fetches the
+// missing pages of the read plus a read-ahead window from the snapshot's
+// PageSource (the parent host's memserver) in one batch, stores them in the
+// backing file and answers. Files are opened with FOPEN_KEEP_CACHE because a
+// snapshot never changes: every clone of a snapshot on this host shares the
+// fetched pages through the page cache and the backing file, and a page is
+// fetched once per host. Pages can also be pushed in ahead of any fault
+// (Insert), which multicast distribution uses.
+//
+// A fetch that fails (after the PageSource's own retries) makes the read
+// fail with EIO: the clone's QEMU then dies loudly rather than hang.
+package lazyram
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/hashicorp/go-hclog"
+)
+
+// PageSize is the unit of fetching and caching.
+const PageSize = 4096
+
+// Page is the content of one page of a snapshot.
+type Page struct {
+	Num  uint64
+	Zero bool   // all zeros: Data may be empty
+	Data []byte // PageSize bytes unless Zero
+}
+
+// PageSource fetches pages of one frozen snapshot. Implementations retry
+// transient failures themselves and return an error only when the pages
+// cannot be had. Fetch is called concurrently.
+type PageSource interface {
+	Fetch(ctx context.Context, pages []uint64) ([]Page, error)
+}
+
+// Snapshot describes a frozen RAM image to serve.
+type Snapshot struct {
+	ID   string // file name stem: the file is ID + ".ram"
+	Size int64  // bytes, a multiple of PageSize
+	// HasData reports whether a page holds data; pages without are served
+	// as zeros and never fetched. Nil means every page may hold data.
+	HasData func(page uint64) bool
+	Source  PageSource
+	// Readahead is how many further data pages to fetch along with a miss
+	// (default 31, so a miss costs one round trip for up to 128 KiB).
+	Readahead int
+	// FetchTimeout bounds one fetch (default 60 s).
+	FetchTimeout time.Duration
+}
+
+// Stats count what a snapshot's file served.
+type Stats struct {
+	Reads        uint64 // FUSE reads
+	PagesFetched uint64 // pages that came from the PageSource
+	Fetches      uint64 // PageSource calls
+	ZeroPages    uint64 // pages answered as zeros without a fetch
+	Inserted     uint64 // pages pushed in with Insert
+	Errors       uint64
+	// FetchMicros are the durations of PageSource calls (a fault's wait).
+	FetchMicros []int64
+}
+
+var idOK = func(id string) bool {
+	if id == "" || len(id) > 128 || id[0] == '.' {
+		return false
+	}
+	for _, r := range id {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// FS is a mounted lazyram file system.
+type FS struct {
+	dir      string
+	cacheDir string
+	server   *fuse.Server
+	root     *rootNode
+	log      hclog.Logger
+}
+
+// ErrExists is returned by Add for an ID already served.
+var ErrExists = errors.New("lazyram: snapshot already added")
+
+// Mount mounts an empty lazyram file system on dir (created if missing).
+// Backing files live in cacheDir, which should be a tmpfs. It needs root (or
+// fusermount) and /dev/fuse.
+func Mount(dir, cacheDir string, log hclog.Logger) (*FS, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	for _, d := range []string{dir, cacheDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("lazyram: %w", err)
+		}
+	}
+	root := &rootNode{files: map[string]*snapFile{}}
+	timeout := time.Hour // names and sizes never change while mounted
+	server, err := fs.Mount(dir, root, &fs.Options{
+		EntryTimeout: &timeout, AttrTimeout: &timeout,
+		MountOptions: fuse.MountOptions{DirectMount: true, FsName: "snowflock-lazyram", Name: "lazyram",
+			MaxReadAhead: 128 << 10},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("lazyram: mount %s: %w", dir, err)
+	}
+	return &FS{dir: dir, cacheDir: cacheDir, server: server, root: root, log: log}, nil
+}
+
+// Dir is the mount point.
+func (f *FS) Dir() string { return f.dir }
+
+// Unmount unmounts the file system and removes the backing files.
+func (f *FS) Unmount() error {
+	err := f.server.Unmount()
+	f.root.mu.Lock()
+	for id, sf := range f.root.files {
+		sf.close()
+		delete(f.root.files, id)
+	}
+	f.root.mu.Unlock()
+	return err
+}
+
+// Add makes a snapshot appear as Dir()/ID.ram and returns that path.
+func (f *FS) Add(s Snapshot) (string, error) {
+	if !idOK(s.ID) {
+		return "", fmt.Errorf("lazyram: bad snapshot id %q", s.ID)
+	}
+	if s.Size <= 0 || s.Size%PageSize != 0 {
+		return "", fmt.Errorf("lazyram: size %d is not a positive multiple of %d", s.Size, PageSize)
+	}
+	if s.Source == nil {
+		return "", errors.New("lazyram: no page source")
+	}
+	if s.Readahead == 0 {
+		s.Readahead = 31
+	}
+	if s.FetchTimeout == 0 {
+		s.FetchTimeout = 60 * time.Second
+	}
+	backing, err := os.OpenFile(filepath.Join(f.cacheDir, s.ID+".pages"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("lazyram: backing file: %w", err)
+	}
+	if err := backing.Truncate(s.Size); err != nil {
+		backing.Close()
+		return "", fmt.Errorf("lazyram: backing file: %w", err)
+	}
+	pages := uint64(s.Size / PageSize)
+	sf := &snapFile{snap: s, backing: backing, present: make([]uint64, (pages+63)/64), pages: pages,
+		inflight: map[uint64]chan struct{}{}, log: f.log.With("snapshot", s.ID)}
+	name := s.ID + ".ram"
+	f.root.mu.Lock()
+	defer f.root.mu.Unlock()
+	if _, ok := f.root.files[name]; ok {
+		backing.Close()
+		return "", ErrExists
+	}
+	ctx := context.Background()
+	child := f.root.NewPersistentInode(ctx, sf, fs.StableAttr{Mode: syscall.S_IFREG})
+	if !f.root.AddChild(name, child, false) {
+		backing.Close()
+		return "", ErrExists
+	}
+	f.root.files[name] = sf
+	return filepath.Join(f.dir, name), nil
+}
+
+// Remove stops serving a snapshot. Clones that still map it must be gone.
+func (f *FS) Remove(id string) {
+	name := id + ".ram"
+	f.root.mu.Lock()
+	sf := f.root.files[name]
+	delete(f.root.files, name)
+	f.root.mu.Unlock()
+	if sf != nil {
+		f.root.RmChild(name)
+		sf.close()
+		os.Remove(filepath.Join(f.cacheDir, name[:len(name)-4]+".pages"))
+	}
+}
+
+func (f *FS) file(id string) (*snapFile, error) {
+	f.root.mu.Lock()
+	defer f.root.mu.Unlock()
+	sf := f.root.files[id+".ram"]
+	if sf == nil {
+		return nil, fmt.Errorf("lazyram: no snapshot %q", id)
+	}
+	return sf, nil
+}
+
+// Insert stores a page pushed ahead of any fault; a page already present
+// is left as is (snapshots are immutable).
+func (f *FS) Insert(id string, p Page) error {
+	sf, err := f.file(id)
+	if err != nil {
+		return err
+	}
+	return sf.store([]Page{p}, true)
+}
+
+// Stats returns a snapshot's counters.
+func (f *FS) Stats(id string) (Stats, error) {
+	sf, err := f.file(id)
+	if err != nil {
+		return Stats{}, err
+	}
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	st := sf.stats
+	st.FetchMicros = append([]int64(nil), sf.stats.FetchMicros...)
+	return st, nil
+}
+
+// Present is the number of pages held locally for a snapshot.
+func (f *FS) Present(id string) (uint64, error) {
+	sf, err := f.file(id)
+	if err != nil {
+		return 0, err
+	}
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	var n uint64
+	for _, w := range sf.present {
+		for ; w != 0; w &= w - 1 {
+			n++
+		}
+	}
+	return n, nil
+}
+
+type rootNode struct {
+	fs.Inode
+	mu    sync.Mutex
+	files map[string]*snapFile
+}
+
+// snapFile is one snapshot's RAM file.
+type snapFile struct {
+	fs.Inode
+	snap    Snapshot
+	backing *os.File
+	pages   uint64
+	log     hclog.Logger
+
+	mu       sync.Mutex
+	present  []uint64                 // bitmap of pages in the backing file
+	inflight map[uint64]chan struct{} // pages being fetched, closed when stored
+	stats    Stats
+	closed   bool
+}
+
+var (
+	_ fs.NodeOpener    = (*snapFile)(nil)
+	_ fs.NodeReader    = (*snapFile)(nil)
+	_ fs.NodeGetattrer = (*snapFile)(nil)
+	_ fs.NodeSetattrer = (*snapFile)(nil)
+	_ fs.NodeWriter    = (*snapFile)(nil)
+)
+
+func (sf *snapFile) close() {
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	if !sf.closed {
+		sf.closed = true
+		sf.backing.Close()
+	}
+}
+
+func (sf *snapFile) isPresent(p uint64) bool { return sf.present[p/64]&(1<<(p%64)) != 0 }
+
+func (sf *snapFile) hasData(p uint64) bool { return sf.snap.HasData == nil || sf.snap.HasData(p) }
+
+// Open allows read-write opens (QEMU opens its RAM file O_RDWR even when it
+// maps it privately) and keeps the page cache across opens: the content of
+// a snapshot never changes.
+func (sf *snapFile) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	return nil, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (sf *snapFile) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFREG | 0o600
+	out.Size = uint64(sf.snap.Size)
+	out.Blocks = uint64(sf.snap.Size) / 512
+	return 0
+}
+
+// Setattr accepts only what changes nothing (QEMU may "resize" the file to
+// the size it already has).
+func (sf *snapFile) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if sz, ok := in.GetSize(); ok && sz != uint64(sf.snap.Size) {
+		return syscall.EPERM
+	}
+	return sf.Getattr(ctx, f, out)
+}
+
+// Write is refused: a snapshot is immutable (clones write to private
+// mappings, which never reach the file).
+func (sf *snapFile) Write(ctx context.Context, f fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	return 0, syscall.EPERM
+}
+
+func (sf *snapFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	size := int64(len(dest))
+	if off >= sf.snap.Size {
+		return fuse.ReadResultData(nil), 0
+	}
+	if off+size > sf.snap.Size {
+		size = sf.snap.Size - off
+	}
+	first, last := uint64(off/PageSize), uint64((off+size-1)/PageSize)
+	if err := sf.ensure(ctx, first, last); err != nil {
+		sf.log.Error("page fetch failed: the clone reading it will fail", "pages", fmt.Sprintf("%d-%d", first, last), "error", err)
+		return nil, syscall.EIO
+	}
+	sf.mu.Lock()
+	sf.stats.Reads++
+	sf.mu.Unlock()
+	// Every page of the range is now in the backing file, or a hole there
+	// (a zero page): let the kernel splice it straight from the file.
+	return fuse.ReadResultFd(sf.backing.Fd(), off, int(size)), 0
+}
+
+// ensure makes pages first..last present, fetching the missing data pages
+// and a read-ahead window in one batch, and waiting for pages that other
+// reads are already fetching.
+func (sf *snapFile) ensure(ctx context.Context, first, last uint64) error {
+	sf.mu.Lock()
+	if sf.closed {
+		sf.mu.Unlock()
+		return errors.New("snapshot removed")
+	}
+	var want []uint64
+	var wait []chan struct{}
+	var zero uint64
+	ahead := 0
+	for p := first; p < sf.pages && (p <= last || ahead < sf.snap.Readahead); p++ {
+		if p > last {
+			ahead++
+		}
+		switch {
+		case sf.isPresent(p):
+		case !sf.hasData(p):
+			if p <= last {
+				zero++
+			}
+		case sf.inflight[p] != nil:
+			if p <= last {
+				wait = append(wait, sf.inflight[p])
+			}
+		default:
+			sf.inflight[p] = make(chan struct{})
+			want = append(want, p)
+		}
+	}
+	sf.stats.ZeroPages += zero
+	sf.mu.Unlock()
+
+	var err error
+	if len(want) > 0 {
+		err = sf.fetch(ctx, want)
+	}
+	for _, ch := range wait {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	// A page another read was fetching may have failed: check.
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	for p := first; p <= last; p++ {
+		if sf.hasData(p) && !sf.isPresent(p) {
+			return fmt.Errorf("page %d unavailable", p)
+		}
+	}
+	return nil
+}
+
+func (sf *snapFile) fetch(ctx context.Context, want []uint64) error {
+	fctx, cancel := context.WithTimeout(ctx, sf.snap.FetchTimeout)
+	defer cancel()
+	start := time.Now()
+	got, err := sf.snap.Source.Fetch(fctx, want)
+	took := time.Since(start)
+	if err == nil {
+		err = sf.check(want, got)
+	}
+	if err == nil {
+		err = sf.store(got, false)
+	}
+	sf.mu.Lock()
+	sf.stats.Fetches++
+	sf.stats.FetchMicros = append(sf.stats.FetchMicros, took.Microseconds())
+	if err != nil {
+		sf.stats.Errors++
+	} else {
+		sf.stats.PagesFetched += uint64(len(want))
+	}
+	for _, p := range want {
+		if ch := sf.inflight[p]; ch != nil {
+			close(ch)
+			delete(sf.inflight, p)
+		}
+	}
+	sf.mu.Unlock()
+	return err
+}
+
+// check verifies that a source answered exactly the pages asked, in order.
+func (sf *snapFile) check(want []uint64, got []Page) error {
+	if len(got) != len(want) {
+		return fmt.Errorf("source answered %d pages for %d", len(got), len(want))
+	}
+	for i, p := range got {
+		if p.Num != want[i] || (!p.Zero && len(p.Data) != PageSize) {
+			return fmt.Errorf("source answered page %d (%d bytes) for page %d", p.Num, len(p.Data), want[i])
+		}
+	}
+	return nil
+}
+
+// store writes pages into the backing file and marks them present. A zero
+// page needs no write: the backing file holds a hole there.
+func (sf *snapFile) store(pages []Page, inserted bool) error {
+	sort.Slice(pages, func(i, j int) bool { return pages[i].Num < pages[j].Num })
+	for _, p := range pages {
+		if p.Num >= sf.pages {
+			return fmt.Errorf("page %d beyond the snapshot's %d pages", p.Num, sf.pages)
+		}
+		if !p.Zero && len(p.Data) != PageSize {
+			return fmt.Errorf("page %d has %d bytes", p.Num, len(p.Data))
+		}
+	}
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	if sf.closed {
+		return errors.New("snapshot removed")
+	}
+	for _, p := range pages {
+		if sf.isPresent(p.Num) {
+			continue
+		}
+		if !p.Zero {
+			if _, err := sf.backing.WriteAt(p.Data, int64(p.Num)*PageSize); err != nil {
+				return fmt.Errorf("backing file: %w", err)
+			}
+		}
+		sf.present[p.Num/64] |= 1 << (p.Num % 64)
+		if inserted {
+			sf.stats.Inserted++
+		}
+	}
+	return nil
+}

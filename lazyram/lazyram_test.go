@@ -1,0 +1,255 @@
+package lazyram
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+)
+
+// fileSource serves pages of a frozen file, counting what it is asked.
+type fileSource struct {
+	f       *os.File
+	fetched sync.Map // page -> times
+	calls   atomic.Int64
+	fail    atomic.Bool
+}
+
+func (s *fileSource) Fetch(ctx context.Context, pages []uint64) ([]Page, error) {
+	s.calls.Add(1)
+	if s.fail.Load() {
+		return nil, errors.New("memserver unreachable")
+	}
+	out := make([]Page, len(pages))
+	for i, p := range pages {
+		n, _ := s.fetched.LoadOrStore(p, new(atomic.Int64))
+		n.(*atomic.Int64).Add(1)
+		buf := make([]byte, PageSize)
+		if _, err := s.f.ReadAt(buf, int64(p)*PageSize); err != nil && err != io.EOF {
+			return nil, err
+		}
+		out[i] = Page{Num: p, Data: buf}
+	}
+	return out, nil
+}
+
+func (s *fileSource) count() (pages int, twice bool) {
+	s.fetched.Range(func(_, v any) bool {
+		pages++
+		twice = twice || v.(*atomic.Int64).Load() > 1
+		return true
+	})
+	return
+}
+
+func requireFUSE(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI runs as root with /dev/fuse")
+		}
+		t.Skip("needs root and /dev/fuse")
+	}
+}
+
+// frozen writes a snapshot file of n pages where data pages hold random
+// bytes and the others are holes; it returns the file and the data map.
+func frozen(t *testing.T, n int, every int) (*os.File, map[uint64]bool) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "frozen.ram"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(int64(n) * PageSize); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	data := map[uint64]bool{}
+	buf := make([]byte, PageSize)
+	for p := 0; p < n; p++ {
+		if p%every == 0 || (p > n/2 && p < n/2+64) {
+			for i := range buf {
+				buf[i] = byte(rng.IntN(256))
+			}
+			if _, err := f.WriteAt(buf, int64(p)*PageSize); err != nil {
+				t.Fatal(err)
+			}
+			data[uint64(p)] = true
+		}
+	}
+	return f, data
+}
+
+func sum(t *testing.T, r io.Reader) [32]byte {
+	h := sha256.New()
+	if _, err := io.Copy(h, r); err != nil {
+		t.Fatal(err)
+	}
+	var s [32]byte
+	copy(s[:], h.Sum(nil))
+	return s
+}
+
+func mount(t *testing.T) *FS {
+	t.Helper()
+	f, err := Mount(filepath.Join(t.TempDir(), "mnt"), t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Unmount() })
+	return f
+}
+
+func TestLazyFileContentAndAvoidance(t *testing.T) {
+	requireFUSE(t)
+	src, data := frozen(t, 4096, 7) // 16 MiB, one page in 7 holds data
+	fs := mount(t)
+	source := &fileSource{f: src}
+	path, err := fs.Add(Snapshot{ID: "s1", Size: 4096 * PageSize, HasData: func(p uint64) bool { return data[p] }, Source: source})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A whole read equals the frozen file; only data pages were fetched,
+	// each once.
+	src.Seek(0, 0)
+	want := sum(t, src)
+	f1, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sum(t, f1); got != want {
+		t.Fatal("lazy file differs from the frozen file")
+	}
+	f1.Close()
+	fetched, twice := source.count()
+	if fetched != len(data) || twice {
+		t.Fatalf("fetched %d pages (twice: %v); %d hold data", fetched, twice, len(data))
+	}
+	st, _ := fs.Stats("s1")
+	if st.ZeroPages == 0 || st.PagesFetched != uint64(len(data)) {
+		t.Fatalf("stats %+v", st)
+	}
+	t.Logf("16 MiB read with %d fetch round trips for %d data pages (%d zero pages never fetched)", st.Fetches, st.PagesFetched, st.ZeroPages)
+
+	// A second clone reads everything again: no fetch at all.
+	calls := source.calls.Load()
+	f2, _ := os.OpenFile(path, os.O_RDWR, 0) // QEMU opens O_RDWR
+	if got := sum(t, f2); got != want {
+		t.Fatal("second read differs")
+	}
+	if source.calls.Load() != calls {
+		t.Fatal("a second reader fetched again")
+	}
+	// Writes are refused: the snapshot is immutable.
+	if _, err := f2.WriteAt([]byte("x"), 0); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("write: %v", err)
+	}
+	f2.Close()
+}
+
+func TestPrivateMappingsStayPrivate(t *testing.T) {
+	requireFUSE(t)
+	src, data := frozen(t, 256, 3)
+	fs := mount(t)
+	path, err := fs.Add(Snapshot{ID: "s2", Size: 256 * PageSize, HasData: func(p uint64) bool { return data[p] }, Source: &fileSource{f: src}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func() []byte {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		m, err := syscall.Mmap(int(f.Fd()), 0, 256*PageSize, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Munmap(m) })
+		return m
+	}
+	a, b := open(), open()
+	orig := bytes.Clone(a[:PageSize])
+	copy(a[:PageSize], bytes.Repeat([]byte{0xAB}, PageSize)) // clone A writes
+	if !bytes.Equal(b[:PageSize], orig) {
+		t.Fatal("clone B sees clone A's write")
+	}
+	src.Seek(0, 0)
+	frozenSum := sum(t, src)
+	f, _ := os.Open(path)
+	defer f.Close()
+	if sum(t, f) != frozenSum {
+		t.Fatal("a private write reached the file")
+	}
+}
+
+func TestFetchFailureIsLoud(t *testing.T) {
+	requireFUSE(t)
+	src, _ := frozen(t, 128, 1) // every page of the file holds data ...
+	data := map[uint64]bool{40: true, 41: true}
+	fs := mount(t)
+	source := &fileSource{f: src}
+	source.fail.Store(true)
+	// ... but the map says only pages 40 and 41 do.
+	path, err := fs.Add(Snapshot{ID: "s3", Size: 128 * PageSize, HasData: func(p uint64) bool { return data[p] }, Source: source})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := os.Open(path)
+	defer f.Close()
+	buf := make([]byte, PageSize)
+	// Zero pages need no source (the kernel reads ahead 32 pages here).
+	if _, err := f.ReadAt(buf, PageSize); err != nil || !bytes.Equal(buf, make([]byte, PageSize)) {
+		t.Fatalf("zero page: %v", err)
+	}
+	// A data page with the source down fails loudly: never zeros, never a hang.
+	if _, err := f.ReadAt(buf, 41*PageSize); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read with the source down: %v, want EIO", err)
+	}
+	// Pushed pages are served without the source.
+	want := bytes.Repeat([]byte{7}, PageSize)
+	for _, p := range []uint64{40, 41} {
+		if err := fs.Insert("s3", Page{Num: p, Data: want}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.ReadAt(buf, 41*PageSize); err != nil || !bytes.Equal(buf, want) {
+		t.Fatalf("inserted page: %v", err)
+	}
+	if st, _ := fs.Stats("s3"); st.Inserted != 2 || st.Errors == 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestAddValidation(t *testing.T) {
+	requireFUSE(t)
+	fs := mount(t)
+	src := &fileSource{}
+	for i, s := range []Snapshot{
+		{ID: "../x", Size: PageSize, Source: src},
+		{ID: "x", Size: 100, Source: src},
+		{ID: "x", Size: PageSize},
+	} {
+		if _, err := fs.Add(s); err == nil {
+			t.Errorf("#%d accepted %+v", i, s)
+		}
+	}
+	if _, err := fs.Add(Snapshot{ID: "dup", Size: PageSize, Source: src}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fs.Add(Snapshot{ID: "dup", Size: PageSize, Source: src}); !errors.Is(err, ErrExists) {
+		t.Fatalf("duplicate: %v", err)
+	}
+	fs.Remove("dup")
+	if _, err := os.Stat(filepath.Join(fs.Dir(), "dup.ram")); err == nil {
+		t.Fatal("removed snapshot still listed")
+	}
+}
