@@ -130,19 +130,38 @@ func (c Config) withDefaults() (Config, error) {
 // RAMFile is the path of the VM's RAM file.
 func (c Config) RAMFile() string { return filepath.Join(c.RAMDir, c.ID+".ram") }
 
+// memory says where a QEMU's guest RAM comes from: a VM that boots gets its
+// own RAM file, mapped shared; a clone maps an existing frozen file private
+// (its writes stay in the clone) and waits for its device state.
+type memory struct {
+	path     string
+	private  bool // share=off
+	incoming bool // -incoming defer
+}
+
+// bootMemory is the memory of a VM that Start boots.
+func (c Config) bootMemory() memory { return memory{path: c.RAMFile()} }
+
 // args is QEMU's command line (without the binary) for c, which must have
 // gone through withDefaults, with accel and cpu decided. The QMP socket is
-// the listening socket passed as file descriptor 3.
-func (c Config) args(accel Accel, cpu string) []string {
+// the listening socket passed as file descriptor 3. Start and Restore share
+// it, so that a clone's machine is the parent's but for mem.
+func (c Config) args(accel Accel, cpu string, mem memory) []string {
 	run := func(name string) string { return filepath.Join(c.RunDir, name) }
+	share := "on"
+	if mem.private {
+		share = "off"
+	}
 	a := []string{
 		"-name", c.ID,
-		"-machine", "pc,memory-backend=mem",
+		// suppress-vmdesc: a saved device state carries no JSON description
+		// of itself (about 100 KB that loading does not read).
+		"-machine", "pc,memory-backend=mem,suppress-vmdesc=on",
 		"-accel", string(accel),
 		"-cpu", cpu,
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-m", strconv.Itoa(c.MemMB) + "M",
-		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on", c.MemMB, c.RAMFile()),
+		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", c.MemMB, mem.path, share),
 		"-nodefaults", "-no-user-config", "-nographic", "-display", "none",
 		"-no-reboot",
 		"-msg", "timestamp=on",
@@ -163,6 +182,9 @@ func (c Config) args(accel Accel, cpu string) []string {
 	}
 	if c.Append != "" {
 		a = append(a, "-append", c.Append)
+	}
+	if mem.incoming {
+		a = append(a, "-incoming", "defer")
 	}
 	return append(a, c.Extra...)
 }

@@ -69,10 +69,10 @@ func TestConfigArgs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := c.args(AccelTCG, CPUTCG)
+	got := c.args(AccelTCG, CPUTCG, c.bootMemory())
 	want := []string{
 		"-name", "vm7",
-		"-machine", "pc,memory-backend=mem",
+		"-machine", "pc,memory-backend=mem,suppress-vmdesc=on",
 		"-accel", "tcg",
 		"-cpu", "qemu64",
 		"-smp", "2",
@@ -97,7 +97,7 @@ func TestConfigArgs(t *testing.T) {
 	}
 	// No kernel: no -kernel, -initrd or -append.
 	c.Kernel, c.Initrd, c.Append = "", "", ""
-	for _, a := range c.args(AccelKVM, CPUHost) {
+	for _, a := range c.args(AccelKVM, CPUHost, c.bootMemory()) {
 		if a == "-kernel" || a == "-initrd" || a == "-append" {
 			t.Errorf("args without a kernel contain %s", a)
 		}

@@ -19,6 +19,17 @@
 // x-ignore-shared) while the RAM file itself becomes the memory image that
 // clones map.
 //
+// VM.Snapshot (snapshot.go) pauses the guest, has QEMU write its device
+// state (a few hundred KB) to a file passed over the monitor socket (getfd,
+// migrate "fd:"), copies the data extents of the RAM file into a new frozen
+// file (freeze.go) and resumes the guest; the parent's later writes go to
+// its own RAM file only. Restore (restore.go) starts a clone: a QEMU with the
+// parent's machine whose RAM maps the frozen file share=off (MAP_PRIVATE:
+// clones share its pages through the page cache and keep their writes),
+// started with -incoming defer to load the device state, then resumed. A
+// clone has its own run directory; its RAM file belongs to the snapshot, so
+// neither Destroy nor Reap removes it.
+//
 // The guest API channel is a second 16550 UART (the guest's /dev/ttyS1)
 // connected to a unix socket on which QEMU listens without waiting for a
 // client. A UART needs no driver beyond the kernel's 8250 driver, which

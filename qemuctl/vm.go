@@ -39,6 +39,11 @@ type VM struct {
 	qmp   *qmp.Client
 	log   hclog.Logger
 
+	ram     string // the file backing guest RAM
+	ownsRAM bool   // Destroy removes ram: false for a clone's frozen file
+
+	snapMu sync.Mutex // serialises Snapshot
+
 	exited  chan struct{} // closed when QEMU has exited and been waited for
 	exitErr error         // cmd.Wait's result; read after exited is closed
 
@@ -68,19 +73,8 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	log := cfg.Logger.With("vm", cfg.ID)
-
-	probe := hostProbe()
-	accel := cfg.Accel
-	if accel == "" {
-		var why string
-		accel, why = probe.probe()
-		log.Debug("chose accelerator", "accel", accel, "reason", why)
-	}
-	cpu := cfg.CPU
-	if cpu == "" {
-		cpu = probe.cpuModel(accel)
-	}
-	args := cfg.args(accel, cpu)
+	accel, cpu := cfg.accelAndCPU(log)
+	args := cfg.args(accel, cpu, cfg.bootMemory())
 
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("qemuctl: %w", err)
@@ -100,7 +94,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	ram.Close()
 
-	vm, err := start(ctx, cfg, log, accel, args)
+	vm, err := start(ctx, cfg, log, accel, args, cfg.bootMemory(), nil)
 	if err != nil {
 		os.Remove(cfg.RAMFile())
 		return nil, err
@@ -109,15 +103,38 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	return vm, nil
 }
 
-func start(ctx context.Context, cfg Config, log hclog.Logger, accel Accel, args []string) (*VM, error) {
+// accelAndCPU decides the accelerator and CPU model cfg leaves open.
+func (cfg Config) accelAndCPU(log hclog.Logger) (Accel, string) {
+	probe := hostProbe()
+	accel := cfg.Accel
+	if accel == "" {
+		var why string
+		accel, why = probe.probe()
+		log.Debug("chose accelerator", "accel", accel, "reason", why)
+	}
+	cpu := cfg.CPU
+	if cpu == "" {
+		cpu = probe.cpuModel(accel)
+	}
+	return accel, cpu
+}
+
+// start runs QEMU with args and connects to its monitor. mem is the guest
+// RAM args name: a private one is not the VM's to remove. extra files are
+// QEMU's descriptors 4, 5, ...
+func start(ctx context.Context, cfg Config, log hclog.Logger, accel Accel, args []string, mem memory, extra []*os.File) (*VM, error) {
 	run := func(name string) string { return filepath.Join(cfg.RunDir, name) }
+	owned := ""
+	if !mem.private {
+		owned = mem.path
+	}
 	for _, name := range []string{QMPSocket, GuestSocket, PIDFile} {
 		if err := os.Remove(run(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("qemuctl: %w", err)
 		}
 	}
 	state, err := json.MarshalIndent(vmState{
-		ID: cfg.ID, RAMFile: cfg.RAMFile(), Binary: cfg.Binary, Args: args,
+		ID: cfg.ID, RAMFile: owned, Binary: cfg.Binary, Args: args,
 		Started: time.Now().UTC().Format(time.RFC3339Nano),
 	}, "", "  ")
 	if err != nil {
@@ -142,13 +159,14 @@ func start(ctx context.Context, cfg Config, log hclog.Logger, accel Accel, args 
 	cmd.Dir = cfg.RunDir
 	cmd.Stdout = logFile // *os.File: no copying goroutines
 	cmd.Stderr = logFile
-	cmd.ExtraFiles = []*os.File{qmpListener} // fd 3
+	cmd.ExtraFiles = append([]*os.File{qmpListener}, extra...) // fd 3, 4, ...
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid:   true,
 		Pdeathsig: syscall.SIGKILL,
 	}
 
-	vm := &VM{cfg: cfg, accel: accel, args: args, log: log, exited: make(chan struct{})}
+	vm := &VM{cfg: cfg, accel: accel, args: args, log: log, exited: make(chan struct{}),
+		ram: mem.path, ownsRAM: !mem.private}
 	if err := vm.launch(cmd); err != nil {
 		return nil, fmt.Errorf("qemuctl: starting %s: %w", cfg.Binary, err)
 	}
@@ -285,7 +303,11 @@ func (vm *VM) destroy(ctx context.Context) error {
 	}
 	vm.qmp.Close()
 	var errs []error
-	for _, p := range []string{vm.cfg.RAMFile(), vm.path(PIDFile), vm.path(QMPSocket), vm.path(GuestSocket)} {
+	remove := []string{vm.path(PIDFile), vm.path(QMPSocket), vm.path(GuestSocket)}
+	if vm.ownsRAM {
+		remove = append(remove, vm.ram)
+	}
+	for _, p := range remove {
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
@@ -323,8 +345,10 @@ func (vm *VM) Args() []string { return append([]string(nil), vm.args...) }
 // RunDir is the VM's run directory.
 func (vm *VM) RunDir() string { return vm.cfg.RunDir }
 
-// RAMFile is the path of the file backing guest RAM.
-func (vm *VM) RAMFile() string { return vm.cfg.RAMFile() }
+// RAMFile is the path of the file backing guest RAM: the VM's own shared
+// file, or for a clone the frozen file it maps privately (which Destroy
+// leaves in place).
+func (vm *VM) RAMFile() string { return vm.ram }
 
 // GuestSocketPath is the unix socket connected to the guest's ttyS1. QEMU
 // accepts one client at a time, and another after it disconnects.

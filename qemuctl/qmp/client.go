@@ -154,6 +154,12 @@ func (c *Client) Greeting() Greeting { return c.greeting }
 // A QEMU error response is returned as an *Error. If ctx ends first Execute
 // returns ctx's error; QEMU may still run the command.
 func (c *Client) Execute(ctx context.Context, command string, args any, result any) error {
+	return c.execute(ctx, command, args, result, nil)
+}
+
+// execute is Execute sending oob (SCM_RIGHTS ancillary data, see GetFD) with
+// the request's bytes; nil oob sends none.
+func (c *Client) execute(ctx context.Context, command string, args any, result any, oob []byte) error {
 	if command == "" {
 		return errors.New("qmp: empty command name")
 	}
@@ -182,7 +188,7 @@ func (c *Client) Execute(ctx context.Context, command string, args any, result a
 
 	buf, err := json.Marshal(req)
 	if err == nil {
-		err = c.write(ctx, append(buf, '\n'))
+		err = c.write(ctx, append(buf, '\n'), oob)
 	}
 	if errors.Is(err, errBroken) {
 		// The connection is closed: the reader is about to fail every
@@ -225,7 +231,7 @@ var errBroken = errors.New("connection broken")
 // anything was sent, leaving the connection usable. Any other failure,
 // including a cancellation after part of the request went out (the stream
 // is then unparseable), ends the connection and returns errBroken.
-func (c *Client) write(ctx context.Context, buf []byte) error {
+func (c *Client) write(ctx context.Context, buf, oob []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if err := ctx.Err(); err != nil {
@@ -236,7 +242,7 @@ func (c *Client) write(ctx context.Context, buf []byte) error {
 		c.conn.SetWriteDeadline(time.Unix(1, 0))
 		close(fired)
 	})
-	n, err := c.conn.Write(buf)
+	n, err := c.writeMsg(buf, oob)
 	cancelled := !stop()
 	if cancelled {
 		<-fired // the deadline is set: clear it for the next writer
