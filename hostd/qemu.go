@@ -2,6 +2,8 @@ package hostd
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -34,6 +36,9 @@ func NewQEMU(ctx context.Context, runRoot, ramDir string, accel qemuctl.Accel, l
 	}
 	if err := os.MkdirAll(abs, 0o700); err != nil {
 		return nil, fmt.Errorf("hostd: run dir: %w", err)
+	}
+	if ramDir == "" {
+		ramDir = DefaultRAMDir(abs)
 	}
 	if accel == "" {
 		var why string
@@ -76,3 +81,12 @@ func (v *qemuVM) GuestChannel(ctx context.Context) (io.ReadWriteCloser, error) {
 func (v *qemuVM) ConsolePath() string               { return v.vm.ConsolePath() }
 func (v *qemuVM) Done() <-chan struct{}             { return v.vm.Wait() }
 func (v *qemuVM) Destroy(ctx context.Context) error { return v.vm.Destroy(ctx) }
+
+// DefaultRAMDir is a daemon's own directory for guest RAM files under
+// qemuctl.DefaultRAMDir, named after its run directory: VM IDs are unique in
+// a cluster, not on a machine, so two daemons on one machine (tests, or two
+// clusters) must not share RAM file names.
+func DefaultRAMDir(runRoot string) string {
+	sum := sha256.Sum256([]byte(runRoot))
+	return filepath.Join(qemuctl.DefaultRAMDir, "hostd-"+hex.EncodeToString(sum[:6]))
+}

@@ -146,7 +146,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	accel := fs.String("accel", "auto", "auto, kvm or tcg")
 	fs.IntVar(&cfg.Slots, "slots", 8, "clone slots offered")
 	mem := fs.Int64("mem", 4096, "memory offered to VMs, MiB")
-	ramDir := fs.String("ram-dir", "", "tmpfs directory for guest RAM files (default /dev/shm/snowflock)")
+	ramDir := fs.String("ram-dir", "", "tmpfs directory for guest RAM files (default: one per daemon under /dev/shm/snowflock)")
 	img.register(fs)
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	logJSON := fs.Bool("log-json", false, "log in JSON")
