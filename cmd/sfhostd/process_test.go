@@ -35,6 +35,15 @@ func TestMain(m *testing.M) {
 		}
 	}
 	binDir = dir
+	// Build the guest image once, before any daemon starts: each daemon then
+	// finds it cached, and a build failure shows here with its output.
+	if _, err := exec.LookPath("qemu-system-x86_64"); err == nil {
+		img := exec.Command(filepath.Join(dir, "sfhostd"), "image", "build", "--sfguest", filepath.Join(dir, "sfguest"))
+		if out, err := img.CombinedOutput(); err != nil {
+			os.RemoveAll(dir)
+			panic("sfhostd image build: " + err.Error() + "\n" + string(out))
+		}
+	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -95,7 +104,15 @@ func TestKillHostdLeavesNoQEMU(t *testing.T) {
 	t.Cleanup(func() { c.StopHost(h) })
 	cl := c.Client()
 	logs := func() string { b, _ := os.ReadFile(h.LogPath); return string(b) }
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("host log:\n%s", logs())
+		}
+	})
 	waitFor(t, 2*time.Minute, "host registered", func() bool {
+		if !h.Running() {
+			t.Fatalf("sfhostd exited:\n%s", logs())
+		}
 		hs, _, err := cl.Hosts(ctx, nil)
 		return err == nil && len(hs) == 1 && hs[0].Status == fsm.HostAlive
 	})
@@ -172,8 +189,18 @@ func TestVMCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.StopHost(h) })
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(h.LogPath)
+			t.Logf("host log:\n%s", b)
+		}
+	})
 	cl := c.Client()
 	waitFor(t, 2*time.Minute, "host registered", func() bool {
+		if !h.Running() {
+			b, _ := os.ReadFile(h.LogPath)
+			t.Fatalf("sfhostd exited:\n%s", b)
+		}
 		hs, _, err := cl.Hosts(ctx, nil)
 		return err == nil && len(hs) == 1
 	})
