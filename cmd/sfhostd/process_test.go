@@ -71,18 +71,31 @@ func alive(pid int) bool {
 	return i > 0 && i+2 < len(b) && b[i+2] != 'Z' && syscall.Kill(pid, 0) == nil
 }
 
-// TestKillHostdLeavesNoQEMU: kill -9 of sfhostd takes its VMs' QEMU with it;
-// the cluster fails the VM when gossip declares the host dead; a restarted
-// sfhostd reaps the leftover files and serves again.
-func TestKillHostdLeavesNoQEMU(t *testing.T) {
+// hostBed is one coordinator and one sfhostd "h1", both real processes,
+// with the host registered.
+type hostBed struct {
+	c        *cluster.Cluster
+	h        *cluster.Host
+	cl       *api.Client
+	ctx      context.Context
+	hostBin  string
+	hostArgs []string
+}
+
+func (b *hostBed) logs() string {
+	out, _ := os.ReadFile(b.h.LogPath)
+	return string(out)
+}
+
+func newHostBed(t *testing.T) *hostBed {
+	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("qemu-system-x86_64 is required in CI")
 		}
 		t.Skip("qemu-system-x86_64 not installed")
 	}
-	dir := t.TempDir()
-	c, err := cluster.New(filepath.Join(binDir, "sfcoord"), dir, 1, "tok", "")
+	c, err := cluster.New(filepath.Join(binDir, "sfcoord"), t.TempDir(), 1, "tok", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,31 +104,38 @@ func TestKillHostdLeavesNoQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
 	if _, err := c.Leader(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	hostBin := filepath.Join(binDir, "sfhostd")
-	hostArgs := []string{"--sfguest", filepath.Join(binDir, "sfguest")}
-	h, err := c.StartHost(hostBin, "h1", hostArgs...)
-	if err != nil {
+	b := &hostBed{c: c, ctx: ctx, cl: c.Client(), hostBin: filepath.Join(binDir, "sfhostd"),
+		hostArgs: []string{"--sfguest", filepath.Join(binDir, "sfguest")}}
+	if b.h, err = c.StartHost(b.hostBin, "h1", b.hostArgs...); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.StopHost(h) })
-	cl := c.Client()
-	logs := func() string { b, _ := os.ReadFile(h.LogPath); return string(b) }
+	t.Cleanup(func() { c.StopHost(b.h) })
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("host log:\n%s", logs())
+			t.Logf("host log:\n%s", b.logs())
 		}
 	})
 	waitFor(t, 2*time.Minute, "host registered", func() bool {
-		if !h.Running() {
-			t.Fatalf("sfhostd exited:\n%s", logs())
+		if !b.h.Running() {
+			t.Fatalf("sfhostd exited:\n%s", b.logs())
 		}
-		hs, _, err := cl.Hosts(ctx, nil)
+		hs, _, err := b.cl.Hosts(ctx, nil)
 		return err == nil && len(hs) == 1 && hs[0].Status == fsm.HostAlive
 	})
+	return b
+}
+
+// TestKillHostdLeavesNoQEMU: kill -9 of sfhostd takes its VMs' QEMU with it;
+// the cluster fails the VM when gossip declares the host dead; a restarted
+// sfhostd reaps the leftover files and serves again.
+func TestKillHostdLeavesNoQEMU(t *testing.T) {
+	bed := newHostBed(t)
+	c, h, cl, ctx := bed.c, bed.h, bed.cl, bed.ctx
+	hostBin, hostArgs, logs := bed.hostBin, bed.hostArgs, bed.logs
 	vm, err := cl.CreateVM(ctx, api.VMRequest{Name: "long", MemMB: 128, Launch: true, Cmd: "sfguest id; sleep 600"})
 	if err != nil {
 		t.Fatal(err)
@@ -164,46 +184,8 @@ func TestKillHostdLeavesNoQEMU(t *testing.T) {
 // TestVMCommands drives sfcoord vm run, list, logs and stop (the real CLI
 // binary) against a real host: stop ends the VM and its QEMU.
 func TestVMCommands(t *testing.T) {
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("qemu-system-x86_64 is required in CI")
-		}
-		t.Skip("qemu-system-x86_64 not installed")
-	}
-	dir := t.TempDir()
-	c, err := cluster.New(filepath.Join(binDir, "sfcoord"), dir, 1, "tok", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Stop)
-	if err := c.StartAll(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	if _, err := c.Leader(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	h, err := c.StartHost(filepath.Join(binDir, "sfhostd"), "h1", "--sfguest", filepath.Join(binDir, "sfguest"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.StopHost(h) })
-	t.Cleanup(func() {
-		if t.Failed() {
-			b, _ := os.ReadFile(h.LogPath)
-			t.Logf("host log:\n%s", b)
-		}
-	})
-	cl := c.Client()
-	waitFor(t, 2*time.Minute, "host registered", func() bool {
-		if !h.Running() {
-			b, _ := os.ReadFile(h.LogPath)
-			t.Fatalf("sfhostd exited:\n%s", b)
-		}
-		hs, _, err := cl.Hosts(ctx, nil)
-		return err == nil && len(hs) == 1
-	})
+	bed := newHostBed(t)
+	c, h := bed.c, bed.h
 	sfcoord := func(args ...string) (string, error) {
 		cmd := exec.Command(filepath.Join(binDir, "sfcoord"), append(args, "--addr", c.Agents[0].HTTPAddr, "--token", "tok")...)
 		out, err := cmd.CombinedOutput()
