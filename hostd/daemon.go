@@ -354,6 +354,11 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 		_ = d.gossip.Shutdown()
 		_ = d.http.Shutdown(ctx)
 		d.wg.Wait()
+		if c, ok := d.hv.(io.Closer); ok {
+			if err := c.Close(); err != nil {
+				d.log.Warn("hypervisor cleanup", "error", err)
+			}
+		}
 	})
 	return nil
 }

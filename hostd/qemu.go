@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -46,6 +48,17 @@ func NewQEMU(ctx context.Context, runRoot, ramDir string, accel qemuctl.Accel, l
 		log.Info("accelerator chosen", "accel", accel, "why", why)
 	}
 	return &QEMU{RunRoot: abs, RAMDir: ramDir, Accel: accel, Logger: log}, nil
+}
+
+// Close removes the RAM directory if no RAM file is left in it.
+func (q *QEMU) Close() error {
+	if q.RAMDir == "" {
+		return nil
+	}
+	if err := os.Remove(q.RAMDir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTEMPTY) {
+		return err
+	}
+	return nil
 }
 
 // Name says "qemu/tcg" or "qemu/kvm".
