@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -296,7 +297,7 @@ func (s *Server) bootstrapExpect() {
 		if inCluster || len(peers) != n {
 			continue // wait to be added by the leader, or for more peers
 		}
-		slices.SortFunc(peers, func(a, b gossip.Member) int { return cmpString(a.Name, b.Name) })
+		slices.SortFunc(peers, func(a, b gossip.Member) int { return strings.Compare(a.Name, b.Name) })
 		var servers []raft.Server
 		for _, p := range peers {
 			servers = append(servers, raft.Server{ID: raft.ServerID(p.Name), Address: raft.ServerAddress(p.Meta.Raft), Suffrage: raft.Voter})
@@ -310,16 +311,6 @@ func (s *Server) bootstrapExpect() {
 		s.clearExpect()
 		return
 	}
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // clearExpect tells the pool this node now belongs to a cluster.

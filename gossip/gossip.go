@@ -19,6 +19,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -249,15 +250,7 @@ func (a *Agent) Members() []Member {
 	for _, m := range a.members {
 		out = append(out, *m)
 	}
-	slices.SortFunc(out, func(x, y Member) int {
-		switch {
-		case x.Name < y.Name:
-			return -1
-		case x.Name > y.Name:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(x, y Member) int { return strings.Compare(x.Name, y.Name) })
 	return out
 }
 

@@ -21,13 +21,7 @@ import (
 	"github.com/snowflock-go/snowflock/coordinator"
 	"github.com/snowflock-go/snowflock/fsm"
 	"github.com/snowflock-go/snowflock/gossip"
-)
-
-// Exit codes.
-const (
-	exitOK    = 0
-	exitError = 1
-	exitUsage = 2
+	"github.com/snowflock-go/snowflock/internal/cli"
 )
 
 const usage = `Usage: sfcoord <command> [flags]
@@ -53,23 +47,12 @@ Client flags: --addr HOST:PORT[,HOST:PORT] (SF_ADDR, default 127.0.0.1:7400),
 --token (SF_TOKEN), -json. Exit status: 0 ok, 1 error, 2 usage.
 `
 
-// usageError marks a problem with the command line (exit 2).
-type usageError struct{ msg string }
-
-func (e *usageError) Error() string { return e.msg }
-
-func usagef(format string, a ...interface{}) error {
-	return &usageError{fmt.Sprintf(format, a...)}
-}
+var usagef = cli.Usagef
 
 // Run executes one sfcoord command and returns its exit status.
 func Run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprint(stderr, usage)
-		if len(args) == 0 {
-			return exitUsage
-		}
-		return exitOK
+	if code, done := cli.Help(args, usage, stderr); done {
+		return code
 	}
 	cmd, rest := args[0], args[1:]
 	var err error
@@ -117,19 +100,7 @@ func Run(args []string, stdout, stderr io.Writer) int {
 	default:
 		err = usagef("unknown command %q (run 'sfcoord help')", cmd)
 	}
-	var ue *usageError
-	switch {
-	case err == nil:
-		return exitOK
-	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "sfcoord: %v\n", err)
-		return exitUsage
-	case errors.Is(err, pflag.ErrHelp):
-		return exitOK
-	default:
-		fmt.Fprintf(stderr, "sfcoord: %v\n", err)
-		return exitError
-	}
+	return cli.Exit("sfcoord", err, stderr)
 }
 
 func runKeygen(args []string, stdout io.Writer) error {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -14,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/snowflock-go/snowflock/guest"
+	"github.com/snowflock-go/snowflock/internal/cli"
 )
 
 const usage = `Usage: sfguest <command> [flags]
@@ -34,33 +34,14 @@ Exit status: 0 ok, 1 error, 2 usage. The channel is /run/sfguest.sock (SF_GUEST_
 sfguest is init, else the serial device /dev/ttyS1 (SF_GUEST_DEVICE).
 `
 
-type usageError struct{ msg string }
-
-func (e *usageError) Error() string { return e.msg }
-
-func usagef(format string, a ...interface{}) error { return &usageError{fmt.Sprintf(format, a...)} }
+var usagef = cli.Usagef
 
 // Run executes one CLI command and returns the exit status.
 func Run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
-		fmt.Fprint(stderr, usage)
-		if len(args) == 0 {
-			return 2
-		}
-		return 0
+	if code, done := cli.Help(args, usage, stderr); done {
+		return code
 	}
-	err := run(args[0], args[1:], stdout)
-	var ue *usageError
-	switch {
-	case err == nil:
-		return 0
-	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "sfguest: %v\n", err)
-		return 2
-	default:
-		fmt.Fprintf(stderr, "sfguest: %v\n", err)
-		return 1
-	}
+	return cli.Exit("sfguest", run(args[0], args[1:], stdout), stderr)
 }
 
 func run(cmd string, args []string, out io.Writer) error {

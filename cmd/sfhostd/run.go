@@ -18,6 +18,7 @@ import (
 	"github.com/snowflock-go/snowflock/gossip"
 	"github.com/snowflock-go/snowflock/guest/image"
 	"github.com/snowflock-go/snowflock/hostd"
+	"github.com/snowflock-go/snowflock/internal/cli"
 	"github.com/snowflock-go/snowflock/qemuctl"
 )
 
@@ -29,20 +30,12 @@ const usage = `Usage: sfhostd <command> [flags]
 Run 'sfhostd agent --help' for the agent's flags. Exit status: 0 ok, 1 error, 2 usage.
 `
 
-type usageError struct{ msg string }
-
-func (e *usageError) Error() string { return e.msg }
-
-func usagef(format string, a ...interface{}) error { return &usageError{fmt.Sprintf(format, a...)} }
+var usagef = cli.Usagef
 
 // Run executes one sfhostd command and returns its exit status.
 func Run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
-		fmt.Fprint(stderr, usage)
-		if len(args) == 0 {
-			return 2
-		}
-		return 0
+	if code, done := cli.Help(args, usage, stderr); done {
+		return code
 	}
 	var err error
 	switch {
@@ -53,17 +46,7 @@ func Run(args []string, stdout, stderr io.Writer) int {
 	default:
 		err = usagef("unknown command %q (run 'sfhostd help')", strings.Join(args, " "))
 	}
-	var ue *usageError
-	switch {
-	case err == nil || errors.Is(err, pflag.ErrHelp):
-		return 0
-	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "sfhostd: %v\n", err)
-		return 2
-	default:
-		fmt.Fprintf(stderr, "sfhostd: %v\n", err)
-		return 1
-	}
+	return cli.Exit("sfhostd", err, stderr)
 }
 
 // imageFlags are shared by agent and image build.
