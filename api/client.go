@@ -299,6 +299,13 @@ func (c *Client) Hosts(ctx context.Context, o *QueryOptions) ([]fsm.Host, QueryM
 	return h, m, err
 }
 
+// Host returns one host.
+func (c *Client) Host(ctx context.Context, id string, o *QueryOptions) (fsm.Host, QueryMeta, error) {
+	var h fsm.Host
+	m, err := c.do(ctx, http.MethodGet, "/v1/hosts/"+url.PathEscape(id), o.values(), nil, &h)
+	return h, m, err
+}
+
 // RegisterHost registers a host or updates its capacity.
 func (c *Client) RegisterHost(ctx context.Context, id string, r HostRequest) (fsm.Host, error) {
 	var h fsm.Host
@@ -484,6 +491,20 @@ func (c *Client) Descriptors(ctx context.Context, o *QueryOptions) ([]fsm.Descri
 	var d []fsm.Descriptor
 	m, err := c.do(ctx, http.MethodGet, "/v1/descriptors", o.values(), nil, &d)
 	return d, m, err
+}
+
+// Descriptor returns one descriptor's metadata.
+func (c *Client) Descriptor(ctx context.Context, id uint64, o *QueryOptions) (fsm.Descriptor, QueryMeta, error) {
+	var d fsm.Descriptor
+	m, err := c.do(ctx, http.MethodGet, idPath("/v1/descriptors/%d", id), o.values(), nil, &d)
+	return d, m, err
+}
+
+// Checkpoint returns one checkpoint.
+func (c *Client) Checkpoint(ctx context.Context, id uint64, o *QueryOptions) (fsm.Checkpoint, QueryMeta, error) {
+	var cp fsm.Checkpoint
+	m, err := c.do(ctx, http.MethodGet, idPath("/v1/checkpoints/%d", id), o.values(), nil, &cp)
+	return cp, m, err
 }
 
 // Checkpoints lists checkpoints.

@@ -66,7 +66,33 @@ type Meta struct {
 	Initrd   string `json:"initrd,omitempty"`
 	Append   string `json:"append,omitempty"`
 	PageSize int    `json:"page_size"`
+	// For the QEMU driver: what a clone's QEMU must match (qemuctl.Machine).
+	QEMU  string   `json:"qemu,omitempty"` // version
+	Accel string   `json:"accel,omitempty"`
+	CPU   string   `json:"cpu,omitempty"`
+	Extra []string `json:"extra,omitempty"`
+	// Checkpoint is set when the descriptor is a checkpoint's rather than a
+	// ticket's.
+	Checkpoint bool `json:"checkpoint,omitempty"`
+	// GuestCall is the request ID of the guest call that is pending in the
+	// captured VM (its clone or checkpoint call): each clone's host answers
+	// it with the clone's k. GuestInFlight are the other calls that were in
+	// flight; clones answer them with an error, since their answers went to
+	// the parent.
+	GuestCall     uint64   `json:"guest_call,omitempty"`
+	GuestInFlight []uint64 `json:"guest_in_flight,omitempty"`
 }
+
+// Bounds of the driver-specific metadata.
+const (
+	maxExtra     = 64
+	maxInFlight  = 64
+	maxMetaField = 4096
+)
+
+// HasKernel reports whether the VM was booted from a kernel named on the
+// command line rather than by firmware.
+func (m Meta) HasKernel() bool { return m.Kernel != "" }
 
 // Range is a run of Count pages starting at page Start.
 type Range struct {
@@ -113,6 +139,14 @@ func (d *Descriptor) Validate() error {
 	}
 	if len(m.Machine) == 0 || len(m.Machine) > 64 {
 		return invalid("machine type %q", m.Machine)
+	}
+	if len(m.Extra) > maxExtra || len(m.GuestInFlight) > maxInFlight {
+		return invalid("%d extra arguments, %d calls in flight", len(m.Extra), len(m.GuestInFlight))
+	}
+	for _, f := range append([]string{m.Kernel, m.Initrd, m.Append, m.QEMU, m.Accel, m.CPU}, m.Extra...) {
+		if len(f) > maxMetaField {
+			return invalid("a machine field of %d bytes", len(f))
+		}
 	}
 	if len(d.DeviceState) == 0 || len(d.DeviceState) > MaxDeviceState {
 		return invalid("device state of %d bytes", len(d.DeviceState))

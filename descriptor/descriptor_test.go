@@ -3,6 +3,7 @@ package descriptor
 import (
 	"bytes"
 	"errors"
+	"reflect"
 	"testing"
 )
 
@@ -25,7 +26,7 @@ func TestRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Meta != d.Meta || !bytes.Equal(got.DeviceState, d.DeviceState) || len(got.Pages) != len(d.Pages) {
+	if !reflect.DeepEqual(got.Meta, d.Meta) || !bytes.Equal(got.DeviceState, d.DeviceState) || len(got.Pages) != len(d.Pages) {
 		t.Fatalf("round trip: %+v", got.Meta)
 	}
 	for i := range d.Pages {

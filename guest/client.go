@@ -29,9 +29,13 @@ type Clone struct {
 	Reason string `json:"reason,omitempty"`
 }
 
-// Checkpoint is an immutable checkpoint of this VM.
+// Checkpoint answers checkpoint(): in the VM that took it, the checkpoint's
+// ID with CloneID 0; in a clone that create_clones started from it, the same
+// ID with the clone's k and ticket.
 type Checkpoint struct {
-	ID uint64 `json:"id"`
+	ID      uint64 `json:"id"`
+	CloneID int    `json:"clone_id"`
+	Ticket  uint64 `json:"ticket,omitempty"`
 }
 
 // Client is the SnowFlock API for a guest program. Errors from the host are

@@ -67,6 +67,9 @@ const (
 	CodeUnavailable  = "unavailable"  // the coordinator could not be reached
 	CodeRateLimited  = "rate_limited" // the guest calls too fast
 	CodeInternalHost = "internal"
+	// CodeInterrupted answers, in a clone, a call that was in flight in the
+	// parent when it was captured: its answer went to the parent.
+	CodeInterrupted = "interrupted"
 )
 
 // Error is an error answer.
@@ -124,6 +127,16 @@ type Identity struct {
 type CloneResult struct {
 	CloneID int    `json:"clone_id"`
 	Ticket  uint64 `json:"ticket"`
+}
+
+// CheckpointResult answers CallCheckpoint: in the VM that took it, the
+// checkpoint's ID and clone ID 0; in a clone created from it with
+// create_clones, the clone's k and ticket (the call returns once per clone,
+// like clone).
+type CheckpointResult struct {
+	Checkpoint uint64 `json:"id"`
+	CloneID    int    `json:"clone_id"`
+	Ticket     uint64 `json:"ticket,omitempty"`
 }
 
 // ErrTooLarge is returned by Decoder for a message over MaxMessage.

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"time"
 
@@ -34,6 +35,15 @@ type Coordinator interface {
 	JoinTicket(ctx context.Context, ticket, caller uint64) (fsm.TicketView, error)
 	KillTicket(ctx context.Context, ticket, caller uint64, reason string) (fsm.TicketView, error)
 	SetCloneState(ctx context.Context, vm uint64, r api.CloneStateRequest) (fsm.TicketView, error)
+	CreateClones(ctx context.Context, ticket, checkpoint, caller uint64) (fsm.TicketView, error)
+}
+
+// Capturer serves the calls that capture the VM: clone and checkpoint.
+// call is the request ID of the guest's call, which a clone's host answers
+// in the clone; inflight are the guest's other calls in flight.
+type Capturer interface {
+	Clone(ctx context.Context, vm, ticket, call uint64, inflight []uint64) (guestchan.CloneResult, error)
+	Checkpoint(ctx context.Context, vm, call uint64, inflight []uint64) (guestchan.CheckpointResult, error)
 }
 
 // Channel limits.
@@ -59,12 +69,18 @@ type GuestChannel struct {
 	VMID  uint64
 	Host  string
 	Coord Coordinator
-	Log   hclog.Logger
+	// Capturer serves clone and checkpoint; nil answers them unsupported.
+	Capturer Capturer
+	// Greeting is sent before anything is read: the answers a new clone
+	// owes to the calls that were pending when its parent was captured.
+	Greeting []*guestchan.Response
+	Log      hclog.Logger
 	// OnReady is called when the guest reports ready (optional).
 	OnReady func()
 
-	mu    sync.Mutex
-	stats ChannelStats
+	mu       sync.Mutex
+	stats    ChannelStats
+	inflight map[uint64]int // request IDs being answered (a guest may reuse one)
 }
 
 // Stats returns the channel's counters.
@@ -98,6 +114,9 @@ func (g *GuestChannel) Serve(ctx context.Context, rw io.ReadWriteCloser) error {
 		if err := guestchan.Encode(rw, r); err != nil {
 			g.Log.Debug("guest reply failed", "vm", g.VMID, "error", err)
 		}
+	}
+	for _, r := range g.Greeting {
+		reply(r)
 	}
 	slots := make(chan struct{}, maxInFlight)
 	bucket := newTokenBucket(callRate, callBurst)
@@ -138,10 +157,12 @@ func (g *GuestChannel) Serve(ctx context.Context, rw io.ReadWriteCloser) error {
 			continue
 		}
 		g.count(func(s *ChannelStats) { s.Calls++ })
+		g.track(req.ID, 1)
 		wg.Add(1)
 		go func(req *guestchan.Request) {
 			defer wg.Done()
 			defer func() { <-slots }()
+			defer g.track(req.ID, -1)
 			resp := g.handle(ctx, req)
 			if resp.Error != nil {
 				g.count(func(s *ChannelStats) { s.Errors++ })
@@ -149,6 +170,31 @@ func (g *GuestChannel) Serve(ctx context.Context, rw io.ReadWriteCloser) error {
 			reply(resp)
 		}(req)
 	}
+}
+
+func (g *GuestChannel) track(id uint64, n int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.inflight == nil {
+		g.inflight = map[uint64]int{}
+	}
+	if g.inflight[id] += n; g.inflight[id] <= 0 {
+		delete(g.inflight, id)
+	}
+}
+
+// othersInFlight lists the calls in flight but id, ascending.
+func (g *GuestChannel) othersInFlight(id uint64) []uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []uint64
+	for k := range g.inflight {
+		if k != id {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // handle answers one call as the channel's VM.
@@ -249,8 +295,32 @@ func (g *GuestChannel) handle(ctx context.Context, req *guestchan.Request) *gues
 		}
 		_, err := g.Coord.SetCloneState(ctx, g.VMID, api.CloneStateRequest{State: fsm.CloneExited, Status: a.Status, Result: a.Result})
 		return answer(struct{}{}, err)
-	case guestchan.CallClone, guestchan.CallCheckpoint, guestchan.CallCreateClones:
-		return guestchan.Fail(req.ID, guestchan.CodeUnsupported, "%s is not supported by this host yet", req.Call)
+	case guestchan.CallClone:
+		var a guestchan.TicketRef
+		if err := req.DecodeArgs(&a); err != nil {
+			return fail(err)
+		}
+		if g.Capturer == nil {
+			return guestchan.Fail(req.ID, guestchan.CodeUnsupported, "this host cannot clone VMs")
+		}
+		return answer(g.Capturer.Clone(ctx, g.VMID, a.Ticket, req.ID, g.othersInFlight(req.ID)))
+	case guestchan.CallCheckpoint:
+		if err := req.DecodeArgs(&struct{}{}); err != nil {
+			return fail(err)
+		}
+		if g.Capturer == nil {
+			return guestchan.Fail(req.ID, guestchan.CodeUnsupported, "this host cannot checkpoint VMs")
+		}
+		return answer(g.Capturer.Checkpoint(ctx, g.VMID, req.ID, g.othersInFlight(req.ID)))
+	case guestchan.CallCreateClones:
+		var a guestchan.CreateClonesArgs
+		if err := req.DecodeArgs(&a); err != nil {
+			return fail(err)
+		}
+		if _, err := g.Coord.CreateClones(ctx, a.Ticket, a.Checkpoint, g.VMID); err != nil {
+			return fail(err)
+		}
+		return answer(guestchan.CloneResult{CloneID: 0, Ticket: a.Ticket}, nil)
 	}
 	return guestchan.Fail(req.ID, guestchan.CodeUnknownCall, "unknown call %q", req.Call)
 }

@@ -21,6 +21,9 @@ import (
 	"github.com/snowflock-go/snowflock/api"
 	"github.com/snowflock-go/snowflock/fsm"
 	"github.com/snowflock-go/snowflock/gossip"
+	"github.com/snowflock-go/snowflock/guestchan"
+	"github.com/snowflock-go/snowflock/lazyram"
+	"github.com/snowflock-go/snowflock/memserver"
 )
 
 // Hypervisor runs VMs on this host. The daemon calls it from its own
@@ -70,7 +73,18 @@ type Config struct {
 	MemMB           int64 // memory offered to VMs
 	// Kernel and Initrd are this host's default guest image.
 	Kernel, Initrd string
-	Logger         hclog.Logger
+	// MemserverAddr is the ip:port the memserver listens on to serve the
+	// frozen memory of this host's parents to clone hosts ("" serves none:
+	// VMs here cannot clone). Port 0 picks one.
+	MemserverAddr string
+	// PageCacheDir holds the pages clones here fetched (a tmpfs is best);
+	// default DataDir/pagecache.
+	PageCacheDir string
+	// Readahead and FetchTimeout tune memory on demand (lazyram's
+	// defaults when zero).
+	Readahead    int
+	FetchTimeout time.Duration
+	Logger       hclog.Logger
 }
 
 // Daemon is a running sfhostd.
@@ -83,19 +97,31 @@ type Daemon struct {
 	ln     net.Listener
 	http   *http.Server
 
+	ms     *memserver.Server // nil without Config.MemserverAddr
+	httpc  *http.Client      // to other hosts' APIs
+	lazyMu sync.Mutex
+	lazy   *lazyram.FS // mounted with the first clone
+
 	mu       sync.Mutex
 	vms      map[uint64]*localVM
+	starting map[uint64]bool   // clones being restored
 	consoles map[uint64]string // console logs of every VM this run started, kept after it ends
+	snaps    map[string]*localSnap
+	sources  map[uint64]*source
 
-	stop     chan struct{}
-	stopOnce sync.Once
-	wg       sync.WaitGroup
+	stop       chan struct{}
+	stopCtx    context.Context // cancelled with stop
+	cancelStop context.CancelFunc
+	stopOnce   sync.Once
+	wg         sync.WaitGroup
 }
 
 // localVM is a VM this daemon runs.
 type localVM struct {
 	id       uint64
+	spec     VMSpec
 	run      RunningVM
+	src      *source // a clone's descriptor
 	channel  *GuestChannel
 	cancel   context.CancelFunc
 	started  time.Time
@@ -130,7 +156,9 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger, hv: hv, coord: coord, vms: map[uint64]*localVM{},
-		consoles: map[uint64]string{}, stop: make(chan struct{})}
+		starting: map[uint64]bool{}, consoles: map[uint64]string{}, snaps: map[string]*localSnap{},
+		sources: map[uint64]*source{}, stop: make(chan struct{}), httpc: &http.Client{Timeout: time.Minute}}
+	d.stopCtx, d.cancelStop = context.WithCancel(context.Background())
 	if d.ln, err = net.Listen("tcp", cfg.APIAddr); err != nil {
 		return nil, fmt.Errorf("hostd: api listen: %w", err)
 	}
@@ -138,12 +166,33 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 		d.ln.Close()
 		return nil, fmt.Errorf("hostd: api address %s is unspecified; bind a reachable address", cfg.APIAddr)
 	}
+	if cfg.MemserverAddr != "" {
+		if d.ms, err = memserver.New(memserver.Config{Listen: cfg.MemserverAddr, Logger: d.log.Named("memserver")}); err != nil {
+			d.ln.Close()
+			return nil, fmt.Errorf("hostd: %w", err)
+		}
+		if ip := d.ms.Addr().(*net.TCPAddr).IP; ip.IsUnspecified() {
+			d.ln.Close()
+			d.ms.Close()
+			return nil, fmt.Errorf("hostd: memserver address %s is unspecified; bind a reachable address", cfg.MemserverAddr)
+		}
+	}
 	d.gossip, err = gossip.New(gossip.Config{Name: cfg.NodeID, BindAddr: cfg.GossipAddr, AdvertiseAddr: cfg.GossipAdvertise,
 		Key: cfg.GossipKey, Logger: d.log.Named("gossip"),
 		Meta: gossip.Meta{Role: gossip.RoleHost, API: d.APIAddr(), Slots: cfg.Slots, MemMB: cfg.MemMB}})
 	if err != nil {
 		d.ln.Close()
+		if d.ms != nil {
+			d.ms.Close()
+		}
 		return nil, err
+	}
+	if d.ms != nil {
+		d.goRun(func() {
+			if err := d.ms.Serve(d.stopCtx); err != nil && !errors.Is(err, memserver.ErrServerClosed) && d.stopCtx.Err() == nil {
+				d.log.Error("memserver stopped", "error", err)
+			}
+		})
 	}
 	d.http = &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
 	d.goRun(func() {
@@ -167,6 +216,15 @@ func (d *Daemon) goRun(f func()) {
 
 // APIAddr is the host API address.
 func (d *Daemon) APIAddr() string { return d.ln.Addr().String() }
+
+// MemserverAddr is the address clone hosts fetch this host's frozen
+// memory from ("" if it serves none).
+func (d *Daemon) MemserverAddr() string {
+	if d.ms == nil {
+		return ""
+	}
+	return d.ms.Addr().String()
+}
 
 // GossipAddr is the host's gossip address.
 func (d *Daemon) GossipAddr() string { return d.gossip.Addr() }
@@ -222,8 +280,14 @@ func (d *Daemon) watchLoop() {
 func (d *Daemon) reconcile(ctx context.Context, vm fsm.VM) {
 	d.mu.Lock()
 	local := d.vms[vm.ID]
+	restore := vm.Role == fsm.RoleClone && vm.State == fsm.VMPending && local == nil && !d.starting[vm.ID]
+	if restore {
+		d.starting[vm.ID] = true
+	}
 	d.mu.Unlock()
 	switch {
+	case restore:
+		d.goRun(func() { d.restoreClone(vm) })
 	case vm.Role == fsm.RoleParent && vm.State == fsm.VMPending && local == nil:
 		d.launch(ctx, vm)
 	case vm.State == fsm.VMEnded && local != nil:
@@ -233,7 +297,7 @@ func (d *Daemon) reconcile(ctx context.Context, vm fsm.VM) {
 
 // launch boots a pending parent VM and serves its channel.
 func (d *Daemon) launch(ctx context.Context, vm fsm.VM) {
-	spec := VMSpec{ID: "vm-" + strconv.FormatUint(vm.ID, 10), Kernel: vm.Kernel, Initrd: vm.Initrd, MemMB: vm.MemMB, VCPUs: vm.VCPUs,
+	spec := VMSpec{ID: vmName(vm.ID), Kernel: vm.Kernel, Initrd: vm.Initrd, MemMB: vm.MemMB, VCPUs: vm.VCPUs,
 		Append: "console=ttyS0 quiet panic=-1"}
 	if spec.Kernel == "" {
 		spec.Kernel, spec.Initrd = d.cfg.Kernel, d.cfg.Initrd
@@ -255,27 +319,40 @@ func (d *Daemon) launch(ctx context.Context, vm fsm.VM) {
 		d.endVM(vm.ID, fmt.Sprintf("host %s could not start it: %v", d.cfg.NodeID, err))
 		return
 	}
-	cctx, cancel := context.WithCancel(context.Background())
-	lv := &localVM{id: vm.ID, run: run, cancel: cancel, started: start}
-	lv.channel = &GuestChannel{VMID: vm.ID, Host: d.cfg.NodeID, Coord: d.coord, Log: log, OnReady: func() {
-		d.mu.Lock()
-		if lv.bootMS == 0 {
-			lv.bootMS = time.Since(start).Milliseconds()
-		}
-		ms := lv.bootMS
-		d.mu.Unlock()
-		log.Info("guest ready", "boot_ms", ms)
-	}}
-	d.mu.Lock()
-	d.vms[vm.ID] = lv
-	d.consoles[vm.ID] = run.ConsolePath()
-	d.mu.Unlock()
-	d.goRun(func() { d.serveChannel(cctx, lv, log) })
-	d.goRun(func() { d.await(lv, log) })
+	d.adopt(vm.ID, run, spec, start, nil, nil, log)
 	if _, err := d.coord.VMStarted(ctx, vm.ID); err != nil {
 		log.Warn("could not report the VM started", "error", err)
 	}
 	log.Info("VM started", "hypervisor", d.hv.Name(), "mem_mb", spec.MemMB)
+}
+
+// vmName is the hypervisor's name of a VM on this host.
+func vmName(id uint64) string { return "vm-" + strconv.FormatUint(id, 10) }
+
+// adopt makes a started VM one of this daemon's: it serves its guest
+// channel (first sending greet, the answers a clone owes its guest) and
+// reports its end.
+func (d *Daemon) adopt(id uint64, run RunningVM, spec VMSpec, start time.Time, src *source, greet []*guestchan.Response,
+	log hclog.Logger) *localVM {
+	cctx, cancel := context.WithCancel(context.Background())
+	lv := &localVM{id: id, spec: spec, run: run, src: src, cancel: cancel, started: start}
+	lv.channel = &GuestChannel{VMID: id, Host: d.cfg.NodeID, Coord: d.coord, Capturer: d, Greeting: greet, Log: log,
+		OnReady: func() {
+			d.mu.Lock()
+			if lv.bootMS == 0 {
+				lv.bootMS = time.Since(start).Milliseconds()
+			}
+			ms := lv.bootMS
+			d.mu.Unlock()
+			log.Info("guest ready", "boot_ms", ms)
+		}}
+	d.mu.Lock()
+	d.vms[id] = lv
+	d.consoles[id] = run.ConsolePath()
+	d.mu.Unlock()
+	d.goRun(func() { d.serveChannel(cctx, lv, log) })
+	d.goRun(func() { d.await(lv, log) })
+	return lv
 }
 
 func (d *Daemon) serveChannel(ctx context.Context, lv *localVM, log hclog.Logger) {
@@ -302,7 +379,17 @@ func (d *Daemon) await(lv *localVM, log hclog.Logger) {
 	d.mu.Unlock()
 	lv.cancel()
 	_ = lv.run.Destroy(context.Background()) // release files
-	if !stopping {
+	var fetchErr error
+	if lv.src != nil {
+		fetchErr = lv.src.failure()
+		d.put(lv.src)
+	}
+	switch {
+	case stopping:
+	case fetchErr != nil:
+		log.Error("clone died: its memory could not be fetched", "error", fetchErr)
+		d.endVM(lv.id, "its memory could not be fetched from the parent's memserver: "+fetchErr.Error())
+	default:
 		log.Info("VM stopped by itself")
 		d.endVM(lv.id, "the guest powered off")
 	}
@@ -340,6 +427,7 @@ func (d *Daemon) endVM(id uint64, reason string) {
 func (d *Daemon) Shutdown(ctx context.Context) error {
 	d.stopOnce.Do(func() {
 		close(d.stop)
+		d.cancelStop()
 		d.mu.Lock()
 		ids := make([]uint64, 0, len(d.vms))
 		for id := range d.vms {
@@ -354,6 +442,47 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 		_ = d.gossip.Shutdown()
 		_ = d.http.Shutdown(ctx)
 		d.wg.Wait()
+		// Clones whose restore finished during the first round.
+		d.mu.Lock()
+		ids = ids[:0]
+		for id := range d.vms {
+			ids = append(ids, id)
+		}
+		d.mu.Unlock()
+		for _, id := range ids {
+			d.destroy(id, "host daemon shutting down")
+			d.endVM(id, "host "+d.cfg.NodeID+" shut down")
+		}
+		// Every VM is gone: nothing maps a clone's RAM file or faults on a
+		// snapshot any more.
+		d.mu.Lock()
+		snaps := make([]*localSnap, 0, len(d.snaps))
+		for _, ls := range d.snaps {
+			snaps = append(snaps, ls)
+		}
+		srcs := make([]*source, 0, len(d.sources))
+		for _, src := range d.sources {
+			srcs = append(srcs, src)
+		}
+		d.sources = map[uint64]*source{}
+		d.mu.Unlock()
+		for _, ls := range snaps {
+			d.release(ls, "host daemon shutting down")
+		}
+		for _, src := range srcs {
+			d.closeSource(src)
+		}
+		if d.lazy != nil {
+			if err := d.lazy.Unmount(); err != nil {
+				d.log.Warn("unmounting lazyram", "error", err)
+			}
+			if d.cfg.PageCacheDir != "" {
+				_ = os.Remove(d.cfg.PageCacheDir) // if empty
+			}
+		}
+		if d.ms != nil {
+			_ = d.ms.Close()
+		}
 		if c, ok := d.hv.(io.Closer); ok {
 			if err := c.Close(); err != nil {
 				d.log.Warn("hypervisor cleanup", "error", err)
@@ -393,6 +522,7 @@ func (d *Daemon) routes() http.Handler {
 	})
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, d.VMs()) })
 	mux.HandleFunc("GET /v1/vms/{id}/console", d.handleConsole)
+	mux.HandleFunc("GET /v1/snapshots/{digest}/descriptor", d.handleDescriptor)
 	mux.HandleFunc("GET /metrics", d.handleMetrics)
 	return d.auth(mux)
 }

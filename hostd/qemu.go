@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/snowflock-go/snowflock/descriptor"
 	"github.com/snowflock-go/snowflock/qemuctl"
 )
 
@@ -81,10 +82,62 @@ func (q *QEMU) Start(ctx context.Context, spec VMSpec) (RunningVM, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &qemuVM{vm: vm}, nil
+	return &qemuVM{vm: vm, kernel: spec.Kernel}, nil
 }
 
-type qemuVM struct{ vm *qemuctl.VM }
+// Restore starts a clone from a descriptor's machine and device state with
+// its RAM mapped private from src.RAMPath. The host's own kernel and
+// initramfs are named on QEMU's command line (the machine booted with one);
+// the guest runs the parent's, which is in its memory.
+func (q *QEMU) Restore(ctx context.Context, spec VMSpec, src RestoreSource) (RunningVM, error) {
+	m := src.Meta
+	if m.Driver != "qemu" {
+		return nil, fmt.Errorf("hostd: a %s descriptor cannot be restored by QEMU", m.Driver)
+	}
+	if !m.HasKernel() {
+		spec.Kernel, spec.Initrd, spec.Append = "", "", ""
+	}
+	machine := qemuctl.Machine{QEMU: m.QEMU, Accel: qemuctl.Accel(m.Accel), CPU: m.CPU, MemMB: m.MemMB, VCPUs: m.VCPUs,
+		Kernel: m.HasKernel(), Extra: m.Extra}
+	vm, err := qemuctl.Restore(ctx, qemuctl.Config{ID: spec.ID, Binary: q.Binary, Kernel: spec.Kernel, Initrd: spec.Initrd,
+		Append: spec.Append, MemMB: m.MemMB, VCPUs: m.VCPUs, RunDir: filepath.Join(q.RunRoot, spec.ID),
+		Accel: qemuctl.Accel(m.Accel), CPU: m.CPU, Extra: m.Extra, Logger: q.Logger.With("vm", spec.ID)},
+		qemuctl.RestoreOptions{DeviceStatePath: src.DeviceStatePath, RAMPath: src.RAMPath, Machine: &machine})
+	if err != nil {
+		return nil, err
+	}
+	return &qemuVM{vm: vm, kernel: spec.Kernel}, nil
+}
+
+type qemuVM struct {
+	vm     *qemuctl.VM
+	kernel string
+}
+
+// Snapshot captures the VM for cloning: device state into the run
+// directory, frozen RAM beside the VM's RAM file on its tmpfs.
+func (v *qemuVM) Snapshot(ctx context.Context, name string) (*Capture, error) {
+	dir := filepath.Dir(v.vm.RAMFile())
+	res, err := v.vm.Snapshot(ctx, qemuctl.SnapshotOptions{
+		DeviceStatePath: filepath.Join(v.vm.RunDir(), name+".dev"),
+		FrozenRAMPath:   filepath.Join(dir, name+".frozen")})
+	if err != nil {
+		return nil, err
+	}
+	m := res.Machine
+	c := &Capture{DeviceStatePath: res.DeviceStatePath, FrozenRAMPath: res.FrozenRAMPath, RAMSize: res.RAMSize,
+		DataPages: res.DataPages, Pause: res.Pause,
+		Meta: descriptor.Meta{Driver: "qemu", Machine: "pc", MemMB: m.MemMB, VCPUs: m.VCPUs, PageSize: descriptor.PageSize,
+			QEMU: m.QEMU, Accel: string(m.Accel), CPU: m.CPU, Extra: m.Extra}}
+	if m.Kernel {
+		c.Meta.Kernel = v.kernel
+	}
+	c.Pages = make([]descriptor.Range, len(res.Pages))
+	for i, p := range res.Pages {
+		c.Pages[i] = descriptor.Range{Start: p.First, Count: p.Count}
+	}
+	return c, nil
+}
 
 func (v *qemuVM) GuestChannel(ctx context.Context) (io.ReadWriteCloser, error) {
 	var d net.Dialer

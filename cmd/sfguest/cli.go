@@ -26,10 +26,13 @@ const usage = `Usage: sfguest <command> [flags]
   exit [--status S] [--result TEXT]   end this clone with a status and a result (<= 4 KiB)
   join T                    wait for every clone of T; print their outcomes
   kill T                    destroy the clones of T
-  checkpoint                take an immutable checkpoint of this VM
-  create-clones C T         clone from checkpoint C with ticket T
+  checkpoint                take an immutable checkpoint of this VM; prints shell assignments
+                            "checkpoint=C clone_id=0 ticket=0" here, and clone_id=k ticket=T
+                            in each clone that create-clones starts from it (eval them)
+  create-clones C T         start T's clones from checkpoint C; prints 0
 
-Flags: -json (machine-readable output), --timeout (default: none for join/clone, 60s otherwise).
+Flags: -json (machine-readable output), --timeout (default: none for join, clone, create-clones
+  and checkpoint, which return in clones too; 60s otherwise).
 Exit status: 0 ok, 1 error, 2 usage. The channel is /run/sfguest.sock (SF_GUEST_SOCKET) when
 sfguest is init, else the serial device /dev/ttyS1 (SF_GUEST_DEVICE).
 `
@@ -85,7 +88,7 @@ func run(cmd string, args []string, out io.Writer) error {
 	if len(*result) > 4096 {
 		return usagef("--result is %d bytes, at most 4096", len(*result))
 	}
-	if *timeout == 0 && cmd != "join" && cmd != "clone" && cmd != "create-clones" {
+	if *timeout == 0 && cmd != "join" && cmd != "clone" && cmd != "create-clones" && cmd != "checkpoint" {
 		*timeout = 60 * time.Second
 	}
 	ctx := context.Background()
@@ -174,7 +177,13 @@ func run(cmd string, args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		return p.number("checkpoint", int(cp.ID))
+		if p.json {
+			return p.printJSON(cp)
+		}
+		// Shell assignments, for eval: the call returns in the VM that took
+		// the checkpoint (clone_id=0) and in every clone created from it.
+		fmt.Fprintf(p.out, "checkpoint=%d clone_id=%d ticket=%d\n", cp.ID, cp.CloneID, cp.Ticket)
+		return nil
 	}
 	return nil
 }

@@ -130,6 +130,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.IntVar(&cfg.Slots, "slots", 8, "clone slots offered")
 	mem := fs.Int64("mem", 4096, "memory offered to VMs, MiB")
 	ramDir := fs.String("ram-dir", "", "tmpfs directory for guest RAM files (default: one per daemon under /dev/shm/snowflock)")
+	fs.StringVar(&cfg.MemserverAddr, "memserver-addr", "127.0.0.1:7501", "address that serves this host's frozen VM memory to clone hosts (\"\" disables cloning from here)")
+	fs.IntVar(&cfg.Readahead, "readahead", 0, "pages fetched along with each page a clone faults on (default 31)")
+	fs.DurationVar(&cfg.FetchTimeout, "fetch-timeout", 0, "give up on a clone's page fetch after this long (default 60s)")
 	img.register(fs)
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	logJSON := fs.Bool("log-json", false, "log in JSON")
@@ -164,6 +167,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	default:
 		return usagef("agent: --accel must be auto, kvm or tcg")
 	}
+	if cfg.Readahead < 0 || cfg.Readahead > 1024 || cfg.FetchTimeout < 0 {
+		return usagef("agent: --readahead must be 0..1024 and --fetch-timeout not negative")
+	}
 	if *mem <= 0 || cfg.Slots < 0 {
 		return usagef("agent: --mem must be positive and --slots not negative")
 	}
@@ -197,6 +203,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	cfg.PageCacheDir = filepath.Join(hv.RAMDir, "pages")
 	d, err := hostd.New(cfg, hv)
 	if err != nil {
 		return err

@@ -12,6 +12,7 @@ import (
 type Host struct {
 	ID, DataDir, LogPath string
 	APIAddr, GossipAddr  string
+	MemserverAddr        string
 	cmd                  *exec.Cmd
 	exited               chan struct{}
 }
@@ -43,13 +44,16 @@ func (c *Cluster) StartHost(bin, id string, extra ...string) (*Host, error) {
 	if h.GossipAddr, err = freeAddr(); err != nil {
 		return nil, err
 	}
+	if h.MemserverAddr, err = freeAddr(); err != nil {
+		return nil, err
+	}
 	return h, c.RestartHost(bin, h, extra...)
 }
 
 // RestartHost starts h's daemon again with the same addresses and data dir.
 func (c *Cluster) RestartHost(bin string, h *Host, extra ...string) error {
 	args := []string{"agent", "--node-id", h.ID, "--data-dir", h.DataDir, "--api-addr", h.APIAddr,
-		"--gossip-addr", h.GossipAddr, "--log-level", "info"}
+		"--gossip-addr", h.GossipAddr, "--memserver-addr", h.MemserverAddr, "--log-level", "info"}
 	for _, a := range c.Agents {
 		args = append(args, "--join", a.GossipAddr, "--coordinator", a.HTTPAddr)
 	}

@@ -1,0 +1,193 @@
+package hostd
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/snowflock-go/snowflock/api"
+	"github.com/snowflock-go/snowflock/coordinator"
+	"github.com/snowflock-go/snowflock/fsm"
+)
+
+// requireFUSE skips without root and /dev/fuse outside CI.
+func requireFUSE(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI runs as root with /dev/fuse")
+		}
+		t.Skip("needs root and /dev/fuse")
+	}
+}
+
+// bed is a coordinator and host daemons in this process, with real QEMU.
+type bed struct {
+	t     *testing.T
+	coord *coordinator.Server
+	c     *api.Client
+	hosts []*Daemon
+	dirs  []string
+}
+
+func newBed(t *testing.T, hosts int) *bed {
+	t.Helper()
+	requireQEMU(t)
+	requireFUSE(t)
+	im := guestImage(t)
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
+	s, err := coordinator.New(coordinator.Config{NodeID: "c1", DataDir: t.TempDir(), RaftAddr: "127.0.0.1:0",
+		HTTPAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", Bootstrap: true, Logger: log.Named("coord")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+	b := &bed{t: t, coord: s}
+	b.c, _ = api.NewClient(api.Config{Addrs: []string{s.HTTPAddr()}})
+	for i := 1; i <= hosts; i++ {
+		dir := t.TempDir()
+		hv, err := NewQEMU(context.Background(), filepath.Join(dir, "vms"), "", "", log.Named("qemu"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := New(Config{NodeID: fmt.Sprintf("h%d", i), DataDir: dir, GossipAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
+			MemserverAddr: "127.0.0.1:0", Join: []string{s.GossipAddr()}, Coordinators: []string{s.HTTPAddr()},
+			Slots: 4, MemMB: 4096, Kernel: im.Kernel, Initrd: im.Initrd, PageCacheDir: filepath.Join(hv.RAMDir, "pages"),
+			Logger: log.Named(fmt.Sprintf("h%d", i))}, hv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = d.Shutdown(context.Background()) })
+		b.hosts = append(b.hosts, d)
+		b.dirs = append(b.dirs, dir)
+	}
+	b.waitFor(10*time.Second, "hosts registered", func() bool {
+		h, _, err := b.c.Hosts(context.Background(), nil)
+		return err == nil && len(h) == hosts
+	})
+	return b
+}
+
+func (b *bed) waitFor(d time.Duration, what string, cond func() bool) {
+	b.t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			b.t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// runVM launches a parent VM with a workload and waits for it to end.
+func (b *bed) runVM(cmd string, memMB int64, limit time.Duration) (fsm.VM, string) {
+	b.t.Helper()
+	ctx := context.Background()
+	vm, err := b.c.CreateVM(ctx, api.VMRequest{Name: "parent", Host: "h1", MemMB: memMB, VCPUs: 1, Launch: true, Cmd: cmd})
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	start := time.Now()
+	var index uint64
+	for {
+		v, meta, err := b.c.VM(ctx, vm.ID, &api.QueryOptions{Index: index, Wait: 5 * time.Second})
+		if err != nil {
+			b.t.Fatal(err)
+		}
+		index = meta.Index
+		if v.State == fsm.VMEnded {
+			vm = v
+			break
+		}
+		if time.Since(start) > limit {
+			b.t.Fatalf("vm still %s after %s; console:\n%s", v.State, time.Since(start), b.console(vm))
+		}
+	}
+	return vm, b.console(vm)
+}
+
+func (b *bed) console(vm fsm.VM) string {
+	for i, d := range b.hosts {
+		if d.cfg.NodeID == vm.Host {
+			out, _ := os.ReadFile(filepath.Join(b.dirs[i], "vms", vmName(vm.ID), "console.log"))
+			return string(out)
+		}
+	}
+	return ""
+}
+
+// cloneWorkload clones the VM with a ticket of n: each clone reports the
+// state the parent had in memory before cloning, then exits with status k.
+const cloneWorkload = `X=$(head -c 1000000 /dev/urandom | sha256sum | cut -c1-16)
+echo "PARENT-STATE $X"
+T=$(sfguest ticket %d | sed 's/^ticket \([0-9]*\):.*/\1/')
+K=$(sfguest clone $T) || { echo CLONE-FAILED; exit 1; }
+if [ "$K" = 0 ]; then
+  sfguest join $T
+  echo PARENT-DONE
+else
+  sfguest exit --status $K --result "k=$K state=$X $(sfguest id)"
+fi`
+
+// TestCloneAcrossHosts is clone end to end with real QEMU guests: a parent
+// on h1 takes a ticket of 2, clones, and each clone, on h1 or h2, resumes
+// from the clone call with its k, the parent's memory (a shell variable) and
+// its own identity, and exits with a result that the parent's join returns.
+func TestCloneAcrossHosts(t *testing.T) {
+	b := newBed(t, 2)
+	start := time.Now()
+	vm, console := b.runVM(fmt.Sprintf(cloneWorkload, 2), 256, 3*time.Minute)
+	t.Logf("parent ran and powered off in %v (%s)", time.Since(start).Round(time.Millisecond), vm.Reason)
+	m := regexp.MustCompile(`PARENT-STATE ([0-9a-f]{16})`).FindStringSubmatch(console)
+	if m == nil || !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
+		t.Fatalf("parent console:\n%s", console)
+	}
+	ts, _, err := b.c.Tickets(context.Background(), vm.ID, nil)
+	if err != nil || len(ts) != 1 {
+		t.Fatalf("tickets: %+v %v", ts, err)
+	}
+	tv, _, err := b.c.Ticket(context.Background(), ts[0].ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tv.State != fsm.TicketJoined || len(tv.Clones) != 2 {
+		t.Fatalf("ticket: %+v", tv)
+	}
+	hosts := map[string]bool{}
+	for _, cl := range tv.Clones {
+		want := fmt.Sprintf("k=%d state=%s VM %d on %s: clone %d of ticket %d (parent VM %d)", cl.K, m[1], cl.VMID, cl.Host,
+			cl.K, tv.ID, vm.ID)
+		if cl.State != fsm.CloneExited || cl.Status != cl.K || strings.TrimSpace(cl.Result) != want {
+			t.Errorf("clone %d: %+v\nwant result %q", cl.K, cl, want)
+		}
+		hosts[cl.Host] = true
+	}
+	if len(hosts) != 2 {
+		t.Errorf("clones ran on %v; placement should spread them over both hosts", hosts)
+	}
+	// The snapshot is released once the ticket is joined, and the clone
+	// hosts drop their descriptors once their clones are gone.
+	b.waitFor(10*time.Second, "snapshots and sources released", func() bool {
+		for _, d := range b.hosts {
+			d.mu.Lock()
+			n := len(d.snaps) + len(d.sources) + len(d.vms)
+			d.mu.Unlock()
+			if n != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	st := b.hosts[0].ms.Stats()
+	t.Logf("memserver of h1: %+v", st)
+	if st.DataPages == 0 {
+		t.Error("no page was fetched from the parent's memserver")
+	}
+}

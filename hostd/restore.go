@@ -1,0 +1,327 @@
+package hostd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/snowflock-go/snowflock/api"
+	"github.com/snowflock-go/snowflock/descriptor"
+	"github.com/snowflock-go/snowflock/fsm"
+	"github.com/snowflock-go/snowflock/guestchan"
+	"github.com/snowflock-go/snowflock/lazyram"
+	"github.com/snowflock-go/snowflock/memserver"
+)
+
+// Restorer is a Hypervisor that can start clones from descriptors.
+type Restorer interface {
+	Restore(ctx context.Context, spec VMSpec, src RestoreSource) (RunningVM, error)
+}
+
+// RestoreSource is what a clone starts from: a descriptor's machine and
+// device state, and the RAM file to map private.
+type RestoreSource struct {
+	Meta            descriptor.Meta
+	DeviceStatePath string
+	RAMPath         string
+}
+
+// restoreTimeout bounds getting a clone running: fetching its descriptor
+// and starting its VM.
+const restoreTimeout = 2 * time.Minute
+
+// source is a descriptor that clones on this host run from: its device
+// state on disk and a lazily filled RAM file that every clone of it here
+// maps, so a page fetched for one clone serves them all.
+type source struct {
+	id         uint64 // descriptor ID
+	checkpoint uint64
+	ready      chan struct{}
+	err        error // set before ready closes
+
+	desc    *descriptor.Descriptor
+	devPath string
+	lazyID  string
+	ramPath string
+	client  *memserver.Client
+	refs    int // under Daemon.mu
+
+	mu       sync.Mutex
+	fetchErr error // the first failed fetch: why clones die
+}
+
+// Fetch reads pages from the parent's memserver for lazyram.
+func (s *source) Fetch(ctx context.Context, pages []uint64) ([]lazyram.Page, error) {
+	got, err := s.client.Fetch(ctx, pages)
+	if err != nil {
+		s.mu.Lock()
+		if s.fetchErr == nil {
+			s.fetchErr = err
+		}
+		s.mu.Unlock()
+		return nil, err
+	}
+	out := make([]lazyram.Page, len(got))
+	for i, p := range got {
+		out[i] = lazyram.Page{Num: p.Num, Zero: p.Zero, Data: p.Data}
+	}
+	return out, nil
+}
+
+func (s *source) failure() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.fetchErr
+}
+
+// acquire returns the source of a descriptor, preparing it on first use.
+// Release it with put.
+func (d *Daemon) acquire(ctx context.Context, id uint64) (*source, error) {
+	d.mu.Lock()
+	src, ok := d.sources[id]
+	if !ok {
+		src = &source{id: id, ready: make(chan struct{})}
+		d.sources[id] = src
+	}
+	src.refs++
+	d.mu.Unlock()
+	if !ok {
+		src.err = d.prepare(ctx, src)
+		close(src.ready)
+	} else {
+		select {
+		case <-src.ready:
+		case <-ctx.Done():
+			d.put(src)
+			return nil, context.Cause(ctx)
+		}
+	}
+	if src.err != nil {
+		d.put(src)
+		return nil, src.err
+	}
+	return src, nil
+}
+
+// put drops a reference; the last one closes the source.
+func (d *Daemon) put(src *source) {
+	d.mu.Lock()
+	src.refs--
+	last := src.refs == 0
+	if last && d.sources[src.id] == src {
+		delete(d.sources, src.id)
+	}
+	d.mu.Unlock()
+	if last {
+		d.closeSource(src)
+	}
+}
+
+func (d *Daemon) closeSource(src *source) {
+	if src.lazyID != "" && d.lazy != nil {
+		d.lazy.Remove(src.lazyID)
+	}
+	if src.client != nil {
+		_ = src.client.Close()
+	}
+	if src.devPath != "" {
+		_ = os.Remove(src.devPath)
+	}
+}
+
+// prepare fetches a descriptor from its parent's host, checks it against
+// what raft recorded, and sets up the RAM file its clones map.
+func (d *Daemon) prepare(ctx context.Context, src *source) error {
+	meta, _, err := d.coord.Descriptor(ctx, src.id, nil)
+	if err != nil {
+		return fmt.Errorf("descriptor %d: %w", src.id, err)
+	}
+	src.checkpoint = meta.Checkpoint
+	host, _, err := d.coord.Host(ctx, meta.Host, nil)
+	if err != nil {
+		return fmt.Errorf("host %s of descriptor %d: %w", meta.Host, src.id, err)
+	}
+	blob, capab, memID, err := d.fetchDescriptor(ctx, host.APIAddr, meta)
+	if err != nil {
+		return fmt.Errorf("descriptor %d from %s: %w", src.id, meta.Host, err)
+	}
+	desc, err := descriptor.Parse(blob)
+	if err != nil {
+		return err
+	}
+	if _, ok := d.hv.(Restorer); !ok {
+		return fmt.Errorf("this host's hypervisor (%s) cannot restore clones", d.hv.Name())
+	}
+	src.desc = desc
+	dir := filepath.Join(d.cfg.DataDir, "clones")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	src.devPath = filepath.Join(dir, fmt.Sprintf("desc-%d.dev", src.id))
+	if err := os.WriteFile(src.devPath, desc.DeviceState, 0o600); err != nil {
+		return err
+	}
+	src.client, err = memserver.ClientConfig{Logger: d.log.Named("memclient")}.Dial(ctx, meta.MemserverAddr, memID, capab)
+	if err != nil {
+		return fmt.Errorf("memserver %s: %w", meta.MemserverAddr, err)
+	}
+	lz, err := d.lazyFS()
+	if err != nil {
+		return err
+	}
+	id := fmt.Sprintf("desc-%d", src.id)
+	path, err := lz.Add(lazyram.Snapshot{ID: id, Size: int64(desc.Meta.MemMB) << 20, HasData: desc.HasData, Source: src,
+		Readahead: d.cfg.Readahead, FetchTimeout: d.cfg.FetchTimeout})
+	if err != nil {
+		return err
+	}
+	src.lazyID, src.ramPath = id, path
+	d.log.Info("descriptor ready", "descriptor", src.id, "bytes", len(blob), "data_pages", desc.DataPages(),
+		"parent_vm", desc.Meta.ParentVM, "memserver", meta.MemserverAddr)
+	return nil
+}
+
+// fetchDescriptor gets a descriptor's bytes and memserver capability from
+// the host API of the parent's host and checks them against raft.
+func (d *Daemon) fetchDescriptor(ctx context.Context, hostAPI string, meta fsm.Descriptor) ([]byte, memserver.Capability, string, error) {
+	var none memserver.Capability
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+hostAPI+"/v1/snapshots/"+meta.SHA256+"/descriptor", nil)
+	if err != nil {
+		return nil, none, "", err
+	}
+	if d.cfg.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+d.cfg.Token)
+	}
+	resp, err := d.httpc.Do(req)
+	if err != nil {
+		return nil, none, "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, none, "", fmt.Errorf("%s: %s", resp.Status, msg)
+	}
+	blob, err := io.ReadAll(io.LimitReader(resp.Body, descriptor.MaxSize+1))
+	if err != nil {
+		return nil, none, "", err
+	}
+	if int64(len(blob)) != meta.Size || descriptor.Digest(blob) != meta.SHA256 {
+		return nil, none, "", fmt.Errorf("%w: %d bytes that do not match the %d bytes and digest raft recorded",
+			descriptor.ErrInvalid, len(blob), meta.Size)
+	}
+	capab, err := memserver.ParseCapability(resp.Header.Get(headerCapability))
+	if err != nil || capab.IsZero() {
+		return nil, none, "", errors.New("the parent's host sent no valid memserver capability")
+	}
+	return blob, capab, resp.Header.Get(headerSnapshot), nil
+}
+
+// lazyFS mounts the host's lazyram file system on first use.
+func (d *Daemon) lazyFS() (*lazyram.FS, error) {
+	d.lazyMu.Lock()
+	defer d.lazyMu.Unlock()
+	if d.lazy != nil {
+		return d.lazy, nil
+	}
+	dir := filepath.Join(d.cfg.DataDir, "lazyram")
+	// A daemon killed with its mount leaves it dangling.
+	_ = unix.Unmount(dir, unix.MNT_DETACH)
+	cache := d.cfg.PageCacheDir
+	if cache == "" {
+		cache = filepath.Join(d.cfg.DataDir, "pagecache")
+	}
+	lz, err := lazyram.Mount(dir, cache, d.log.Named("lazyram"))
+	if err != nil {
+		return nil, err
+	}
+	d.lazy = lz
+	return lz, nil
+}
+
+// restoreClone starts clone k of a ticket on this host from the ticket's
+// descriptor, answers the guest's pending clone call with k and reports
+// the clone running, or failed with the reason.
+func (d *Daemon) restoreClone(vm fsm.VM) {
+	defer func() {
+		d.mu.Lock()
+		delete(d.starting, vm.ID)
+		d.mu.Unlock()
+	}()
+	ctx, cancel := context.WithTimeout(d.stopCtx, restoreTimeout)
+	defer cancel()
+	log := d.log.With("vm", vm.ID, "ticket", vm.Ticket, "clone", vm.CloneID)
+	start := time.Now()
+	fail := func(err error) {
+		if d.stopCtx.Err() != nil {
+			return
+		}
+		log.Error("clone did not start", "error", err)
+		rctx, rcancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer rcancel()
+		if _, err := d.coord.SetCloneState(rctx, vm.ID, api.CloneStateRequest{State: fsm.CloneFailed,
+			Reason: fmt.Sprintf("host %s could not start it: %v", d.cfg.NodeID, err)}); err != nil {
+			log.Warn("could not report the clone failed", "error", err)
+		}
+	}
+	t, _, err := d.coord.Ticket(ctx, vm.Ticket, nil)
+	if err != nil {
+		fail(err)
+		return
+	}
+	if t.Descriptor == 0 {
+		fail(fmt.Errorf("ticket %d has no descriptor", vm.Ticket))
+		return
+	}
+	src, err := d.acquire(ctx, t.Descriptor)
+	if err != nil {
+		fail(err)
+		return
+	}
+	m := src.desc.Meta
+	spec := VMSpec{ID: vmName(vm.ID), Kernel: d.cfg.Kernel, Initrd: d.cfg.Initrd, Append: m.Append,
+		MemMB: int64(m.MemMB), VCPUs: m.VCPUs}
+	run, err := d.hv.(Restorer).Restore(ctx, spec, RestoreSource{Meta: m, DeviceStatePath: src.devPath, RAMPath: src.ramPath})
+	if err != nil {
+		d.put(src)
+		fail(err)
+		return
+	}
+	lv := d.adopt(vm.ID, run, spec, start, src, greeting(m, vm, src.checkpoint), log)
+	if _, err := d.coord.SetCloneState(ctx, vm.ID, api.CloneStateRequest{State: fsm.CloneRunning}); err != nil {
+		// Killed or failed meanwhile (or the cluster is unreachable for
+		// minutes): this clone must not run unaccounted for.
+		log.Warn("could not report the clone running; destroying it", "error", err)
+		d.destroy(lv.id, "could not report it running: "+err.Error())
+		return
+	}
+	log.Info("clone running", "after", time.Since(start).Round(time.Millisecond), "descriptor", src.id)
+}
+
+// greeting answers, in a new clone, the calls that were pending in its
+// parent when it was captured: the clone (or checkpoint) call with the
+// clone's k, the others with an error.
+func greeting(m descriptor.Meta, vm fsm.VM, checkpoint uint64) []*guestchan.Response {
+	var out []*guestchan.Response
+	if m.GuestCall != 0 {
+		var v interface{} = guestchan.CloneResult{CloneID: vm.CloneID, Ticket: vm.Ticket}
+		if m.Checkpoint {
+			v = guestchan.CheckpointResult{Checkpoint: checkpoint, CloneID: vm.CloneID, Ticket: vm.Ticket}
+		}
+		if r, err := guestchan.Answer(m.GuestCall, v); err == nil {
+			out = append(out, r)
+		}
+	}
+	for _, id := range m.GuestInFlight {
+		out = append(out, guestchan.Fail(id, guestchan.CodeInterrupted,
+			"the call was in flight when this VM was cloned; its answer went to the parent"))
+	}
+	return out
+}
