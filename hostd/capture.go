@@ -165,10 +165,13 @@ func (d *Daemon) Clone(ctx context.Context, vmID, ticket, call uint64, inflight 
 		return guestchan.CloneResult{}, &guestchan.Error{Code: fsm.Code(fsm.ErrBadState),
 			Message: fmt.Sprintf("ticket %d is %s; a ticket clones once", ticket, t.State)}
 	}
+	d.emit(Event{Kind: EventCloneCall, VM: vmID, Ticket: ticket})
 	ls, err := d.capture(ctx, vmID, call, inflight, false)
 	if err != nil {
 		return guestchan.CloneResult{}, err
 	}
+	d.emit(Event{Kind: EventCaptured, VM: vmID, Ticket: ticket, Pause: ls.pause, DescriptorBytes: len(ls.blob),
+		DataPages: ls.capture.DataPages})
 	ls.ticket = ticket
 	resp, err := d.coord.Clone(ctx, ticket, d.descriptorRequest(ls))
 	if err != nil {

@@ -84,7 +84,49 @@ type Config struct {
 	// defaults when zero).
 	Readahead    int
 	FetchTimeout time.Duration
-	Logger       hclog.Logger
+	// EagerRestore fetches all of a descriptor's memory before its first
+	// clone here starts, instead of on demand (a baseline for benchmarks,
+	// and for hypervisors that cannot fault memory in lazily).
+	EagerRestore bool
+	// OnEvent, if set, is called with clone life-cycle events, from the
+	// daemon's goroutines; it must not block.
+	OnEvent func(Event)
+	Logger  hclog.Logger
+}
+
+// Event is a step of cloning on this host, for measurements.
+type Event struct {
+	Kind       string // Event* below
+	Time       time.Time
+	VM         uint64
+	Ticket     uint64
+	K          int
+	Descriptor uint64
+	// For EventCaptured: the guest's pause and the descriptor.
+	Pause           time.Duration
+	DescriptorBytes int
+	DataPages       uint64
+	// For EventSourceClosed: what the descriptor's RAM file fetched.
+	Pages *lazyram.Stats
+	Err   string
+}
+
+// Event kinds.
+const (
+	EventCloneCall    = "clone_call"    // the parent's host received clone
+	EventCaptured     = "captured"      // the parent was captured and resumed
+	EventCloneRunning = "clone_running" // a clone runs on this host
+	EventCloneFailed  = "clone_failed"  // a clone could not start here
+	EventSourceClosed = "source_closed" // the last clone of a descriptor here is gone
+)
+
+func (d *Daemon) emit(e Event) {
+	if d.cfg.OnEvent != nil {
+		if e.Time.IsZero() {
+			e.Time = time.Now()
+		}
+		d.cfg.OnEvent(e)
+	}
 }
 
 // Daemon is a running sfhostd.

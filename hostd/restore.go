@@ -127,6 +127,9 @@ func (d *Daemon) put(src *source) {
 
 func (d *Daemon) closeSource(src *source) {
 	if src.lazyID != "" && d.lazy != nil {
+		if st, err := d.lazy.Stats(src.lazyID); err == nil {
+			d.emit(Event{Kind: EventSourceClosed, Descriptor: src.id, Pages: &st})
+		}
 		d.lazy.Remove(src.lazyID)
 	}
 	if src.client != nil {
@@ -184,6 +187,13 @@ func (d *Daemon) prepare(ctx context.Context, src *source) error {
 		return err
 	}
 	src.lazyID, src.ramPath = id, path
+	if d.cfg.EagerRestore {
+		start := time.Now()
+		if err := lz.Fill(ctx, id, 256, 4); err != nil {
+			return fmt.Errorf("eager restore: %w", err)
+		}
+		d.log.Info("descriptor memory fetched eagerly", "descriptor", src.id, "took", time.Since(start))
+	}
 	d.log.Info("descriptor ready", "descriptor", src.id, "bytes", len(blob), "data_pages", desc.DataPages(),
 		"parent_vm", desc.Meta.ParentVM, "memserver", meta.MemserverAddr)
 	return nil
@@ -264,6 +274,7 @@ func (d *Daemon) restoreClone(vm fsm.VM) {
 			return
 		}
 		log.Error("clone did not start", "error", err)
+		d.emit(Event{Kind: EventCloneFailed, VM: vm.ID, Ticket: vm.Ticket, K: vm.CloneID, Err: err.Error()})
 		rctx, rcancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer rcancel()
 		if _, err := d.coord.SetCloneState(rctx, vm.ID, api.CloneStateRequest{State: fsm.CloneFailed,
@@ -302,6 +313,7 @@ func (d *Daemon) restoreClone(vm fsm.VM) {
 		d.destroy(lv.id, "could not report it running: "+err.Error())
 		return
 	}
+	d.emit(Event{Kind: EventCloneRunning, VM: vm.ID, Ticket: vm.Ticket, K: vm.CloneID, Descriptor: src.id})
 	log.Info("clone running", "after", time.Since(start).Round(time.Millisecond), "descriptor", src.id)
 }
 

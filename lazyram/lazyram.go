@@ -222,6 +222,51 @@ func (f *FS) Insert(id string, p Page) error {
 	return sf.store([]Page{p}, true)
 }
 
+// Fill fetches every data page of a snapshot that is not present yet, in
+// batches of batch pages with up to workers fetches at once: an eager
+// restore, or a warm-up before clones start.
+func (f *FS) Fill(ctx context.Context, id string, batch, workers int) error {
+	sf, err := f.file(id)
+	if err != nil {
+		return err
+	}
+	batch, workers = max(batch, 1), max(workers, 1)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	next := make(chan uint64)
+	errs := make(chan error, workers)
+	for range workers {
+		go func() {
+			for first := range next {
+				if err := sf.ensure(ctx, first, min(first+uint64(batch), sf.pages)-1); err != nil {
+					cancel()
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+feed:
+	for first := uint64(0); first < sf.pages; first += uint64(batch) {
+		select {
+		case next <- first:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	for range workers {
+		if e := <-errs; e != nil && (err == nil || errors.Is(err, context.Canceled)) {
+			err = e
+		}
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	return err
+}
+
 // Stats returns a snapshot's counters.
 func (f *FS) Stats(id string) (Stats, error) {
 	sf, err := f.file(id)

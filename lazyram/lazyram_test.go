@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"strings"
 	"testing"
 )
 
@@ -282,5 +283,55 @@ func TestAddValidation(t *testing.T) {
 	fs.Remove("dup")
 	if _, err := os.Stat(filepath.Join(fs.Dir(), "dup.ram")); err == nil {
 		t.Fatal("removed snapshot still listed")
+	}
+}
+
+// TestFill is an eager restore: Fill fetches every data page once, in
+// parallel batches, after which reading the whole file fetches nothing; a
+// failing source makes Fill fail.
+func TestFill(t *testing.T) {
+	requireFUSE(t)
+	src, data := frozen(t, 4096, 5)
+	fs := mount(t)
+	source := &fileSource{f: src}
+	hasData := func(p uint64) bool { return data[p] }
+	path, err := fs.Add(Snapshot{ID: "s1", Size: 4096 * PageSize, HasData: hasData, Source: source})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Fill(context.Background(), "s1", 64, 4); err != nil {
+		t.Fatal(err)
+	}
+	fetched, twice := source.count()
+	if fetched != len(data) || twice {
+		t.Fatalf("fetched %d pages (twice: %v); %d hold data", fetched, twice, len(data))
+	}
+	if n, _ := fs.Present("s1"); n != uint64(len(data)) {
+		t.Fatalf("%d pages present, want %d", n, len(data))
+	}
+	calls := source.calls.Load()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Seek(0, 0)
+	if sum(t, f) != sum(t, src) {
+		t.Fatal("filled file differs from the frozen file")
+	}
+	f.Close()
+	if source.calls.Load() != calls {
+		t.Fatal("reading a filled file fetched again")
+	}
+
+	failing := &fileSource{f: src}
+	failing.fail.Store(true)
+	if _, err := fs.Add(Snapshot{ID: "s2", Size: 4096 * PageSize, HasData: hasData, Source: failing}); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Fill(context.Background(), "s2", 64, 4); err == nil || !strings.Contains(err.Error(), "unreachable") {
+		t.Fatalf("Fill with a failing source: %v", err)
+	}
+	if err := fs.Fill(context.Background(), "nope", 64, 4); err == nil {
+		t.Fatal("Fill of an unknown snapshot succeeded")
 	}
 }

@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -30,6 +33,8 @@ const usage = `Usage: sfguest <command> [flags]
                             "checkpoint=C clone_id=0 ticket=0" here, and clone_id=k ticket=T
                             in each clone that create-clones starts from it (eval them)
   create-clones C T         start T's clones from checkpoint C; prints 0
+  gen-data --size MIB [--seed S] FILE   write MIB MiB of deterministic pseudo-random data
+                            (the same size and seed give the same bytes on every VM)
 
 Flags: -json (machine-readable output), --timeout (default: none for join, clone, create-clones
   and checkpoint, which return in clones too; 60s otherwise).
@@ -48,6 +53,9 @@ func Run(args []string, stdout, stderr io.Writer) int {
 }
 
 func run(cmd string, args []string, out io.Writer) error {
+	if cmd == "gen-data" {
+		return genData(args)
+	}
 	fs := pflag.NewFlagSet(cmd, pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	asJSON := fs.Bool("json", false, "machine-readable output")
@@ -221,4 +229,36 @@ func (p printer) ticket(t guest.Ticket, headline string) error {
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%s\n", cl.K, cl.VMID, cl.Host, cl.State, cl.Status, strings.ReplaceAll(cl.Result, "\n", " "))
 	}
 	return tw.Flush()
+}
+
+// genData writes a deterministic dataset: ChaCha8 output from the seed, so
+// that VMs that load "the same data" without cloning (benchmarks, checks of
+// a cloned computation) really do.
+func genData(args []string) error {
+	fs := pflag.NewFlagSet("gen-data", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	size := fs.Int("size", 0, "MiB to write")
+	seed := fs.Uint64("seed", 1, "seed")
+	if err := fs.Parse(args); err != nil {
+		return usagef("gen-data: %v", err)
+	}
+	if fs.NArg() != 1 || *size < 1 || *size > 1<<20 {
+		return usagef("gen-data: --size 1..1048576 (MiB) and one FILE are required")
+	}
+	f, err := os.Create(fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	var key [32]byte
+	binary.LittleEndian.PutUint64(key[:], *seed)
+	rng := rand.NewChaCha8(key)
+	buf := make([]byte, 1<<20)
+	for range *size {
+		_, _ = rng.Read(buf)
+		if _, err := f.Write(buf); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	return f.Close()
 }
