@@ -191,3 +191,93 @@ func TestCloneAcrossHosts(t *testing.T) {
 		t.Error("no page was fetched from the parent's memserver")
 	}
 }
+
+// TestCheckpointAndCreateClones: checkpoint() before any ticket exists, then
+// create_clones from it: every clone resumes in the checkpoint call with its
+// k, the ticket, and the memory the parent had at the checkpoint (not what
+// it wrote afterwards).
+func TestCheckpointAndCreateClones(t *testing.T) {
+	b := newBed(t, 2)
+	vm, console := b.runVM(`X=before
+eval $(sfguest checkpoint) || { echo CHECKPOINT-FAILED; exit 1; }
+if [ "$clone_id" = 0 ]; then
+  X=after
+  T=$(sfguest ticket 2 | sed 's/^ticket \([0-9]*\):.*/\1/')
+  echo "CHECKPOINT $checkpoint TICKET $T"
+  sfguest create-clones $checkpoint $T
+  sfguest join $T
+  echo PARENT-DONE
+else
+  sfguest exit --status $clone_id --result "k=$clone_id ticket=$ticket cp=$checkpoint X=$X"
+fi`, 256, 3*time.Minute)
+	m := regexp.MustCompile(`(?m)^CHECKPOINT (\d+) TICKET (\d+)`).FindStringSubmatch(console)
+	if m == nil || !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
+		t.Fatalf("parent console:\n%s", console)
+	}
+	ts, _, err := b.c.Tickets(context.Background(), vm.ID, nil)
+	if err != nil || len(ts) != 1 {
+		t.Fatalf("tickets: %+v %v", ts, err)
+	}
+	tv, _, _ := b.c.Ticket(context.Background(), ts[0].ID, nil)
+	if tv.State != fsm.TicketJoined || len(tv.Clones) != 2 || fmt.Sprint(tv.ID) != m[2] {
+		t.Fatalf("ticket: %+v", tv)
+	}
+	for _, cl := range tv.Clones {
+		want := fmt.Sprintf("k=%d ticket=%d cp=%s X=before", cl.K, tv.ID, m[1])
+		if cl.State != fsm.CloneExited || cl.Status != cl.K || cl.Result != want {
+			t.Errorf("clone %d: %+v, want result %q", cl.K, cl, want)
+		}
+	}
+	// The checkpoint's snapshot lives until its VM ends, which it has.
+	b.waitFor(10*time.Second, "checkpoint snapshot released", func() bool {
+		d := b.hosts[0]
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return len(d.snaps) == 0
+	})
+}
+
+// TestCloneFailsWhenMemoryUnreachable: the parent's memserver dies while a
+// clone still needs pages; the clone's faults fail after the client's
+// retries, its QEMU dies, and the cluster records the clone failed with
+// the reason, so the parent's join returns.
+func TestCloneFailsWhenMemoryUnreachable(t *testing.T) {
+	b := newBed(t, 2)
+	ctx := context.Background()
+	vm, err := b.c.CreateVM(ctx, api.VMRequest{Name: "parent", Host: "h1", MemMB: 256, VCPUs: 1, Launch: true,
+		Cmd: `sfguest gen-data --size 48 /data
+T=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
+K=$(sfguest clone $T)
+if [ "$K" = 0 ]; then sfguest join $T; echo PARENT-DONE; sleep 600
+else sleep 2; sha256sum /data; sfguest exit --result read-everything; fi`})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ticket fsm.TicketView
+	b.waitFor(2*time.Minute, "the clone running", func() bool {
+		ts, _, err := b.c.Tickets(ctx, vm.ID, nil)
+		if err != nil || len(ts) != 1 {
+			return false
+		}
+		ticket, _, err = b.c.Ticket(ctx, ts[0].ID, nil)
+		return err == nil && len(ticket.Clones) == 1 && ticket.Clones[0].State == fsm.CloneRunning
+	})
+	killed := time.Now()
+	b.hosts[0].ms.Close()
+	var cl fsm.Clone
+	b.waitFor(time.Minute, "the clone failed", func() bool {
+		tv, _, err := b.c.Ticket(ctx, ticket.ID, nil)
+		if err != nil {
+			return false
+		}
+		cl = tv.Clones[0]
+		return cl.State.Terminal()
+	})
+	t.Logf("clone %s %v after the memserver died: %s", cl.State, time.Since(killed).Round(time.Millisecond), cl.Reason)
+	if cl.State != fsm.CloneFailed || !strings.Contains(cl.Reason, "could not be fetched") {
+		t.Fatalf("clone: %+v", cl)
+	}
+	b.waitFor(30*time.Second, "the parent's join returned", func() bool {
+		return regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(b.console(vm))
+	})
+}

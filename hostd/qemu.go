@@ -71,6 +71,20 @@ func (q *QEMU) Reap() error {
 	if n > 0 {
 		q.Logger.Info("reaped VMs of an earlier run", "count", n)
 	}
+	// Frozen RAM of snapshots a crashed daemon served: nothing can fetch
+	// from them any more (the memserver that knew their capabilities is
+	// gone), so they are garbage.
+	frozen, _ := filepath.Glob(filepath.Join(q.RAMDir, "snap-*.frozen"))
+	for _, f := range frozen {
+		if st, lerr := os.Lstat(f); lerr == nil && st.Mode().IsRegular() {
+			if rerr := os.Remove(f); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}
+	}
+	if len(frozen) > 0 {
+		q.Logger.Info("removed frozen snapshots of an earlier run", "count", len(frozen))
+	}
 	return err
 }
 

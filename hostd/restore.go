@@ -248,6 +248,11 @@ func (d *Daemon) lazyFS() (*lazyram.FS, error) {
 	if cache == "" {
 		cache = filepath.Join(d.cfg.DataDir, "pagecache")
 	}
+	// Pages an earlier run fetched belong to descriptors nothing maps now.
+	stale, _ := filepath.Glob(filepath.Join(cache, "desc-*.pages"))
+	for _, f := range stale {
+		_ = os.Remove(f)
+	}
 	lz, err := lazyram.Mount(dir, cache, d.log.Named("lazyram"))
 	if err != nil {
 		return nil, err

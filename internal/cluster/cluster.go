@@ -53,14 +53,16 @@ type Cluster struct {
 }
 
 // FreePort returns a port that is free for both TCP and UDP on 127.0.0.1.
-func FreePort() (int, error) {
+func FreePort() (int, error) { return freePortOn("127.0.0.1") }
+
+func freePortOn(ip string) (int, error) {
 	for i := 0; i < 50; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 		if err != nil {
 			return 0, err
 		}
 		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp", "127.0.0.1:"+strconv.Itoa(port))
+		u, err := net.ListenPacket("udp", net.JoinHostPort(ip, strconv.Itoa(port)))
 		l.Close()
 		if err == nil {
 			u.Close()
@@ -70,17 +72,27 @@ func FreePort() (int, error) {
 	return 0, errors.New("no free port")
 }
 
-func freeAddr() (string, error) {
-	p, err := FreePort()
+func freeAddr() (string, error) { return freeAddrOn("127.0.0.1") }
+
+func freeAddrOn(ip string) (string, error) {
+	p, err := freePortOn(ip)
 	if err != nil {
 		return "", err
 	}
-	return "127.0.0.1:" + strconv.Itoa(p), nil
+	return net.JoinHostPort(ip, strconv.Itoa(p)), nil
 }
 
-// New prepares n agents (not started) that bootstrap with --bootstrap-expect n.
+// New prepares n agents (not started) on 127.0.0.1 that bootstrap with
+// --bootstrap-expect n.
 func New(bin, dir string, n int, token, key string) (*Cluster, error) {
+	return NewOn(bin, dir, n, token, key, "127.0.0.1")
+}
+
+// NewOn is New with the agents listening on ip (a test bed's bridge
+// address, so that hosts in network namespaces reach them).
+func NewOn(bin, dir string, n int, token, key, ip string) (*Cluster, error) {
 	c := &Cluster{Bin: bin, Dir: dir, Token: token, Key: key}
+	freeAddr := func() (string, error) { return freeAddrOn(ip) }
 	for i := 0; i < n; i++ {
 		a := &Agent{ID: fmt.Sprintf("c%d", i+1), DataDir: filepath.Join(dir, fmt.Sprintf("c%d", i+1)),
 			LogPath: filepath.Join(dir, fmt.Sprintf("c%d.log", i+1))}

@@ -13,8 +13,11 @@ type Host struct {
 	ID, DataDir, LogPath string
 	APIAddr, GossipAddr  string
 	MemserverAddr        string
-	cmd                  *exec.Cmd
-	exited               chan struct{}
+	// Wrap prefixes the daemon's command line, e.g. ip netns exec NAME
+	// (which execs, so the process is still the daemon's).
+	Wrap   []string
+	cmd    *exec.Cmd
+	exited chan struct{}
 }
 
 // Running reports whether the host daemon's process is alive.
@@ -50,6 +53,16 @@ func (c *Cluster) StartHost(bin, id string, extra ...string) (*Host, error) {
 	return h, c.RestartHost(bin, h, extra...)
 }
 
+// StartHostIn starts an sfhostd agent in a network namespace: its
+// addresses are ip with fixed ports (the namespace has its own), and its
+// command runs under ip netns exec.
+func (c *Cluster) StartHostIn(bin, id, netns, ip string, extra ...string) (*Host, error) {
+	h := &Host{ID: id, DataDir: filepath.Join(c.Dir, id), LogPath: filepath.Join(c.Dir, id+".log"),
+		APIAddr: ip + ":7500", GossipAddr: ip + ":7946", MemserverAddr: ip + ":7501",
+		Wrap: []string{"ip", "netns", "exec", netns}}
+	return h, c.RestartHost(bin, h, extra...)
+}
+
 // RestartHost starts h's daemon again with the same addresses and data dir.
 func (c *Cluster) RestartHost(bin string, h *Host, extra ...string) error {
 	args := []string{"agent", "--node-id", h.ID, "--data-dir", h.DataDir, "--api-addr", h.APIAddr,
@@ -68,7 +81,8 @@ func (c *Cluster) RestartHost(bin string, h *Host, extra ...string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(bin, args...)
+	argv := append(append(append([]string(nil), h.Wrap...), bin), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "SF_TOKEN=", "SF_ENCRYPT=")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
