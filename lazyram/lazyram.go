@@ -26,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -104,8 +105,8 @@ type FS struct {
 var ErrExists = errors.New("lazyram: snapshot already added")
 
 // Mount mounts an empty lazyram file system on dir (created if missing).
-// Backing files live in cacheDir, which should be a tmpfs. It needs root (or
-// fusermount) and /dev/fuse.
+// Backing files live in cacheDir, which should be a tmpfs. It needs root and
+// /dev/fuse.
 func Mount(dir, cacheDir string, log hclog.Logger) (*FS, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -117,15 +118,49 @@ func Mount(dir, cacheDir string, log hclog.Logger) (*FS, error) {
 	}
 	root := &rootNode{files: map[string]*snapFile{}}
 	timeout := time.Hour // names and sizes never change while mounted
+	// go-fuse opens /dev/fuse without O_CLOEXEC. Every process the daemon
+	// starts afterwards (QEMU) would inherit the connection, and then it
+	// outlives the daemon: a QEMU thread waiting for a page the dead daemon
+	// will never send stays unkillable (D state), holding the very fd that
+	// keeps the connection open. So no fork may happen until the fd is
+	// close-on-exec: hold ForkLock across the mount, which then must not
+	// fall back to forking fusermount (DirectMountStrict; this needs root).
+	syscall.ForkLock.Lock()
 	server, err := fs.Mount(dir, root, &fs.Options{
 		EntryTimeout: &timeout, AttrTimeout: &timeout,
-		MountOptions: fuse.MountOptions{DirectMount: true, FsName: "snowflock-lazyram", Name: "lazyram",
+		MountOptions: fuse.MountOptions{DirectMountStrict: true, FsName: "snowflock-lazyram", Name: "lazyram",
 			MaxReadAhead: 128 << 10},
 	})
+	if err == nil {
+		err = closeOnExecFUSE()
+		if err != nil {
+			_ = server.Unmount()
+		}
+	}
+	syscall.ForkLock.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("lazyram: mount %s: %w", dir, err)
 	}
 	return &FS{dir: dir, cacheDir: cacheDir, server: server, root: root, log: log}, nil
+}
+
+// closeOnExecFUSE marks every /dev/fuse descriptor of this process
+// close-on-exec.
+func closeOnExecFUSE() error {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("lazyram: %w", err)
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && target == "/dev/fuse" {
+			syscall.CloseOnExec(fd)
+		}
+	}
+	return nil
 }
 
 // Dir is the mount point.

@@ -11,10 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"strings"
 	"testing"
 )
 
@@ -333,5 +333,20 @@ func TestFill(t *testing.T) {
 	}
 	if err := fs.Fill(context.Background(), "nope", 64, 4); err == nil {
 		t.Fatal("Fill of an unknown snapshot succeeded")
+	}
+}
+
+// TestChildrenDoNotInheritTheConnection: a process started after Mount
+// (QEMU, in hostd) must not hold the FUSE connection, or it would keep the
+// connection alive after the daemon dies and hang in its own page faults.
+func TestChildrenDoNotInheritTheConnection(t *testing.T) {
+	requireFUSE(t)
+	mount(t)
+	out, err := exec.Command("ls", "-l", "/proc/self/fd").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ls: %v\n%s", err, out)
+	}
+	if strings.Contains(string(out), "/dev/fuse") {
+		t.Fatalf("a child inherited /dev/fuse:\n%s", out)
 	}
 }
