@@ -103,8 +103,8 @@ func newBed(t *testing.T, slots ...int) *bed {
 		}
 		if t.Failed() {
 			for _, h := range b.hosts {
-				log, _ := os.ReadFile(h.LogPath)
-				t.Logf("log of %s (last 4 KB):\n%s", h.ID, tail(string(log), 4096))
+				log, err := os.ReadFile(h.LogPath)
+				t.Logf("log of %s (last 4 KB; %v):\n%s", h.ID, err, tail(string(log), 4096))
 			}
 		}
 	})
@@ -185,7 +185,10 @@ func (b *bed) hostGet(h *cluster.Host, path string) (string, error) {
 }
 
 func (b *bed) console(vm fsm.VM) string {
-	s, _ := b.hostGet(b.host(vm.Host), fmt.Sprintf("/v1/vms/%d/console", vm.ID))
+	s, err := b.hostGet(b.host(vm.Host), fmt.Sprintf("/v1/vms/%d/console", vm.ID))
+	if err != nil {
+		return "(console unavailable: " + err.Error() + ")"
+	}
 	return s
 }
 
@@ -238,7 +241,11 @@ if [ "$K" = 0 ]; then sfguest join $T; echo PARENT-DONE; else sfguest exit --sta
 	t.Logf("killed leader %s as the parent cloned", b.c.Agents[leader].ID)
 	tv := b.ticketOf(vm, 2*time.Minute, "the ticket joined", func(tv fsm.TicketView) bool { return tv.State == fsm.TicketJoined })
 	t.Logf("ticket joined %v after the kill", time.Since(killed).Round(time.Millisecond))
-	console := b.console(vm)
+	var console string
+	b.waitFor(30*time.Second, "the parent's join output", func() bool {
+		console = b.console(vm)
+		return lineRE("PARENT-DONE").MatchString(console)
+	})
 	m := regexp.MustCompile(`PARENT-STATE ([0-9a-f]{16})`).FindStringSubmatch(console)
 	if m == nil || !lineRE("PARENT-DONE").MatchString(console) {
 		t.Fatalf("parent console:\n%s", console)

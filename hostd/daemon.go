@@ -333,7 +333,11 @@ func (d *Daemon) reconcile(ctx context.Context, vm fsm.VM) {
 	case vm.Role == fsm.RoleParent && vm.State == fsm.VMPending && local == nil:
 		d.launch(ctx, vm)
 	case vm.State == fsm.VMEnded && local != nil:
-		d.destroy(vm.ID, "ended in the cluster: "+vm.Reason)
+		why := "ended in the cluster"
+		if vm.Reason != "" {
+			why += ": " + vm.Reason
+		}
+		d.destroy(vm.ID, why)
 	}
 }
 
