@@ -1,10 +1,13 @@
 // Command sfdemo runs the snowflock-go demo on a local cluster of real
 // processes on 127.0.0.1: it builds the guest image, starts three sfcoord
-// agents and two sfhostd hosts, boots a VM under QEMU whose workload calls
-// the SnowFlock API from inside the guest (sfguest id, ticket 4, tickets),
-// shows what it got and how long it took, kills the raft leader to show the
-// failover, and removes everything it started. It expects sfcoord, sfhostd
-// and a static sfguest next to itself (make demo builds them into bin/).
+// agents and two sfhostd hosts, and boots a parent VM under QEMU that loads
+// a 128 MiB dataset into its memory, clones itself 4 times over both hosts,
+// lets each clone checksum its quarter of the data (memory on demand from
+// the parent's frozen snapshot) and joins them; it checks the combined
+// result against the same computation done without cloning and prints a
+// timing table. It then kills the raft leader to show the failover, and
+// removes everything it started. It expects sfcoord, sfhostd and a static
+// sfguest next to itself (make demo builds them into bin/).
 package main
 
 import (
@@ -16,7 +19,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -121,7 +123,7 @@ func (d *demo) run() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 
-	d.say("== snowflock-go demo: 3 coordinators, 2 hosts, a VM that calls the SnowFlock API from inside")
+	d.say("== snowflock-go demo: 3 coordinators, 2 hosts, a VM that forks itself into 4 clones over both hosts")
 	d.say("Building the guest image (Debian's kernel + an initramfs with sfguest as /init);")
 	d.say("the first run downloads Debian's kernel package (~70 MB) with apt-get, later runs use the cache ...")
 	start := time.Now()
@@ -181,48 +183,8 @@ func (d *demo) run() error {
 		return err
 	}
 
-	cmd := "sfguest id; sfguest ticket 4; sfguest tickets"
-	d.say("\n$ sfcoord vm run --mem 256M --cmd '%s'", cmd)
-	start = time.Now()
-	vm, err := c.CreateVM(ctx, api.VMRequest{Name: "demo", MemMB: 256, VCPUs: 1, Launch: true, Cmd: cmd})
-	if err != nil {
+	if err := d.cloneDemo(ctx, c, token); err != nil {
 		return err
-	}
-	d.say("VM %d scheduled on %s; it boots under QEMU, runs the workload and powers off ...", vm.ID, vm.Host)
-	var index uint64
-	running := time.Duration(0)
-	for {
-		v, meta, err := c.VM(ctx, vm.ID, &api.QueryOptions{Index: index, Wait: 10 * time.Second})
-		if err != nil {
-			return err
-		}
-		index = meta.Index
-		if v.State == fsm.VMRunning && running == 0 {
-			running = time.Since(start)
-			d.say("  VM %d running after %d ms (QEMU started, guest booting)", vm.ID, running.Milliseconds())
-		}
-		if v.State == fsm.VMEnded {
-			d.say("  VM %d ended after %.2f s: %s", vm.ID, time.Since(start).Seconds(), v.Reason)
-			break
-		}
-		if time.Since(start) > 5*time.Minute {
-			return fmt.Errorf("VM %d still %s after 5 minutes", vm.ID, v.State)
-		}
-	}
-	console, err := d.console(ctx, vm.Host, vm.ID, token)
-	if err != nil {
-		return err
-	}
-	d.say("\n$ sfcoord vm logs %d", vm.ID)
-	for _, l := range strings.Split(console, "\n") {
-		if strings.Contains(l, "sfguest") || strings.HasPrefix(l, "VM ") || strings.HasPrefix(l, "ticket ") ||
-			strings.HasPrefix(l, "Ticket") || regexp.MustCompile(`^\d+\s`).MatchString(l) {
-			d.say("  %s", strings.TrimPrefix(l, "Booting from ROM.."))
-		}
-	}
-	if m := regexp.MustCompile(`sfguest: ready in (\d+) ms \(kernel uptime ([0-9.]+) s\)`).FindStringSubmatch(console); m != nil {
-		d.say("Boot: the guest kernel was up for %s s when sfguest (PID 1) was ready, %s ms after it started;", m[2], m[1])
-		d.say("      from 'vm run' to the VM running on its host: %d ms (accelerator: TCG on this machine, KVM where real)", running.Milliseconds())
 	}
 
 	d.say("\n== Failover: kill -9 the raft leader")
@@ -241,7 +203,7 @@ func (d *demo) run() error {
 	if _, err := d.waitEnded(ctx, c, vm2.ID); err != nil {
 		return err
 	}
-	console, err = d.console(ctx, vm2.Host, vm2.ID, token)
+	console, err := d.console(ctx, vm2.Host, vm2.ID, token)
 	if err != nil {
 		return err
 	}
