@@ -3,6 +3,8 @@ package hostd
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -185,6 +187,10 @@ func TestCloneAcrossHosts(t *testing.T) {
 		}
 		return true
 	})
+	metrics, err := httpGet("http://" + b.hosts[0].APIAddr() + "/metrics")
+	if err != nil || !strings.Contains(metrics, "sf_host_snapshots 0") || !strings.Contains(metrics, "memserver") {
+		t.Errorf("host metrics (%v):\n%s", err, metrics)
+	}
 	st := b.hosts[0].ms.Stats()
 	t.Logf("memserver of h1: %+v", st)
 	if st.DataPages == 0 {
@@ -280,4 +286,14 @@ else sleep 2; sha256sum /data; sfguest exit --result read-everything; fi`})
 	b.waitFor(30*time.Second, "the parent's join returned", func() bool {
 		return regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(b.console(vm))
 	})
+}
+
+func httpGet(url string) (string, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
 }

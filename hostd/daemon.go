@@ -620,8 +620,40 @@ func (d *Daemon) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	for _, v := range vms {
 		fmt.Fprintf(&b, "sf_host_guest_calls_total{vm=\"%d\"} %d\n", v.ID, v.Calls)
 	}
+	d.mu.Lock()
+	srcs := make([]*source, 0, len(d.sources))
+	for _, src := range d.sources {
+		srcs = append(srcs, src)
+	}
+	snaps := len(d.snaps)
+	d.mu.Unlock()
+	fmt.Fprintf(&b, "# HELP sf_host_snapshots Captured snapshots this host serves.\n# TYPE sf_host_snapshots gauge\nsf_host_snapshots %d\n", snaps)
+	fmt.Fprintf(&b, "# HELP sf_host_clone_pages_fetched_total Pages clones here fetched, per descriptor.\n# TYPE sf_host_clone_pages_fetched_total counter\n")
+	sort.Slice(srcs, func(i, j int) bool { return srcs[i].id < srcs[j].id })
+	var faults []string
+	for _, src := range srcs {
+		select {
+		case <-src.ready: // fields are set
+		default:
+			continue
+		}
+		if src.err != nil || src.lazyID == "" {
+			continue
+		}
+		if st, err := d.lazy.Stats(src.lazyID); err == nil {
+			fmt.Fprintf(&b, "sf_host_clone_pages_fetched_total{descriptor=\"%d\"} %d\n", src.id, st.PagesFetched)
+			faults = append(faults, fmt.Sprintf("sf_host_clone_zero_pages_total{descriptor=\"%d\"} %d\n", src.id, st.ZeroPages))
+		}
+	}
+	fmt.Fprintf(&b, "# HELP sf_host_clone_zero_pages_total Pages answered as zero without a fetch.\n# TYPE sf_host_clone_zero_pages_total counter\n")
+	for _, f := range faults {
+		b.WriteString(f)
+	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	_, _ = io.WriteString(w, b.String())
+	if d.ms != nil {
+		_ = d.ms.WriteMetrics(w)
+	}
 }
 
 func writeJSON(w http.ResponseWriter, v interface{}) {
