@@ -67,6 +67,10 @@ type localSnap struct {
 	released sync.Once
 }
 
+// ErrNotCapturable is wrapped by a Snapshotter that cannot capture this
+// VM (a QEMU clone, whose memory is private to its process).
+var ErrNotCapturable = errors.New("this VM cannot be captured")
+
 // Capture errors a guest sees.
 var (
 	errNoSnapshots = errors.New("this host's hypervisor cannot capture VMs")

@@ -135,6 +135,9 @@ func (v *qemuVM) Snapshot(ctx context.Context, name string) (*Capture, error) {
 	res, err := v.vm.Snapshot(ctx, qemuctl.SnapshotOptions{
 		DeviceStatePath: filepath.Join(v.vm.RunDir(), name+".dev"),
 		FrozenRAMPath:   filepath.Join(dir, name+".frozen")})
+	if errors.Is(err, qemuctl.ErrPrivateRAM) {
+		return nil, fmt.Errorf("%w: a clone's memory is private to its QEMU process; only parent VMs can clone or checkpoint on QEMU so far", ErrNotCapturable)
+	}
 	if err != nil {
 		return nil, err
 	}
