@@ -19,8 +19,8 @@ var (
 	// ErrUnavailable: the memserver could not be reached, or stopped
 	// answering, and the retries are exhausted. The clone must fail.
 	ErrUnavailable = errors.New("memserver: unavailable")
-	// ErrRefused: the server refused the hello: unknown snapshot, wrong
-	// capability, or a protocol version it does not speak.
+	// ErrRefused: the server refused the handshake: unknown snapshot,
+	// wrong capability, or a protocol version it does not speak.
 	ErrRefused = errors.New("memserver: refused")
 	// ErrOutOfRange: a page is beyond the snapshot's size.
 	ErrOutOfRange = errors.New("memserver: page beyond the snapshot")
@@ -295,8 +295,8 @@ func (c *Client) conn(ctx context.Context) (*clientConn, error) {
 	}
 }
 
-// dial connects and says hello. Network failures are connErrors; a refusal
-// is not, since trying again would not change it.
+// dial connects and runs the handshake. Network failures are connErrors; a
+// refusal is not, since trying again would not change it.
 func (c *Client) dial(ctx context.Context) (*clientConn, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
@@ -311,7 +311,7 @@ func (c *Client) dial(ctx context.Context) (*clientConn, error) {
 	deadline, _ := ctx.Deadline()
 	nc.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Unix(1, 0)) })
-	r, err := c.hello(nc)
+	a, sess, err := c.handshake(nc)
 	if !stop() && err == nil {
 		err = &connError{ctx.Err()}
 	}
@@ -323,50 +323,32 @@ func (c *Client) dial(ctx context.Context) (*clientConn, error) {
 		return nil, err
 	}
 	nc.SetDeadline(time.Time{})
-	c.log.Debug("connected", "max_batch", r.maxBatch, "pages", r.pages)
+	c.log.Debug("connected", "max_batch", a.maxBatch, "pages", a.pages)
 	return &clientConn{
 		c:        c,
 		nc:       nc,
-		maxBatch: int(r.maxBatch),
-		pages:    r.pages,
+		maxBatch: int(a.maxBatch),
+		pages:    a.pages,
+		open:     sess.open,
+		seal:     sess.seal,
 		pending:  map[uint64]*call{},
 		dead:     make(chan struct{}),
 	}, nil
 }
 
-func (c *Client) hello(nc net.Conn) (helloReply, error) {
-	h := hello{version: ProtocolVersion, snapshotID: c.snapshotID, capability: c.capability}
-	if _, err := nc.Write(appendHello(nil, h)); err != nil {
-		return helloReply{}, &connError{err}
-	}
-	typ, body, err := readFrame(nc, 1+helloReplyLen, nil)
-	if err == nil && typ != frameHelloReply {
-		err = protocolError("frame type %d instead of a hello reply", typ)
-	}
-	var r helloReply
-	if err == nil {
-		r, err = decodeHelloReply(body)
-	}
-	switch {
-	case err != nil:
-		return helloReply{}, &connError{err}
-	case r.status == helloRefused:
-		return helloReply{}, fmt.Errorf("%w: snapshot %s at %s: unknown snapshot or wrong capability", ErrRefused, c.snapshotID, c.addr)
-	case r.status == helloVersion:
-		return helloReply{}, fmt.Errorf("%w: %s speaks protocol version %d, not %d", ErrRefused, c.addr, r.version, ProtocolVersion)
-	}
-	return r, nil
-}
-
-// clientConn is one connection of a Client. Requests are written whole
-// under wmu; one goroutine reads the responses and hands each to its call.
+// clientConn is one connection of a Client. Requests are sealed and
+// written whole under wmu; one goroutine reads the responses, opens them
+// and hands each to its call.
 type clientConn struct {
 	c        *Client
 	nc       net.Conn
 	maxBatch int
 	pages    uint64
+	open     *opener // the read loop's
 
-	wmu sync.Mutex
+	wmu  sync.Mutex
+	seal *sealer
+	wbuf []byte // frames being sealed and written
 
 	mu      sync.Mutex
 	pending map[uint64]*call
@@ -416,7 +398,12 @@ func (cc *clientConn) readLoop() {
 	br := bufio.NewReaderSize(cc.nc, 64<<10)
 	limit := maxResponseFrame(cc.maxBatch)
 	for {
+		// A fresh buffer for each frame: the pages handed to the caller
+		// alias it, decrypted in place.
 		typ, body, err := readFrame(br, limit, nil)
+		if err == nil {
+			body, err = cc.open.open(typ, body)
+		}
 		if err == nil && typ != frameResponse {
 			err = protocolError("frame type %d instead of a response", typ)
 		}
@@ -456,17 +443,15 @@ type span struct{ lo, hi int }
 func (cc *clientConn) fetch(ctx context.Context, pages []uint64, todo []span, out []Page) ([]span, error) {
 	var calls []*call
 	var chunks []span
-	var frames []byte
 	for _, sp := range todo {
 		for lo := sp.lo; lo < sp.hi; lo += cc.maxBatch {
 			ch := span{lo, min(lo+cc.maxBatch, sp.hi)}
 			req := request{id: cc.c.nextID.Add(1), ranges: toRanges(pages[ch.lo:ch.hi])}
 			calls = append(calls, &call{req: req, n: ch.hi - ch.lo, done: make(chan struct{})})
 			chunks = append(chunks, ch)
-			frames = appendRequest(frames, req)
 		}
 	}
-	if err := cc.send(calls, frames); err != nil {
+	if err := cc.send(calls); err != nil {
 		return todo, err
 	}
 
@@ -500,8 +485,12 @@ func (cc *clientConn) fetch(ctx context.Context, pages []uint64, todo []span, ou
 	return failed, connErr
 }
 
-// send registers the calls and writes their frames.
-func (cc *clientConn) send(calls []*call, frames []byte) error {
+// maxKeptWriteBuffer is the largest write buffer a connection keeps for its
+// next send.
+const maxKeptWriteBuffer = 64 << 10
+
+// send registers the calls, and seals and writes their requests at once.
+func (cc *clientConn) send(calls []*call) error {
 	cc.mu.Lock()
 	if cc.err != nil {
 		err := cc.err
@@ -515,10 +504,25 @@ func (cc *clientConn) send(calls []*call, frames []byte) error {
 
 	cc.wmu.Lock()
 	defer cc.wmu.Unlock()
-	cc.nc.SetWriteDeadline(time.Now().Add(cc.c.cfg.Timeout))
-	if _, err := cc.nc.Write(frames); err != nil {
+	b := cc.wbuf[:0]
+	var err error
+	for _, cl := range calls {
+		start := len(b)
+		if b, err = cc.seal.seal(appendRequest(b, cl.req), start); err != nil {
+			break
+		}
+	}
+	if cap(b) <= maxKeptWriteBuffer {
+		cc.wbuf = b[:0]
+	}
+	if err == nil {
+		cc.nc.SetWriteDeadline(time.Now().Add(cc.c.cfg.Timeout))
+		_, err = cc.nc.Write(b)
+	}
+	if err != nil {
+		// The calls now fail as the connection's did (to be retried on a
+		// new connection); the caller waits for that.
 		cc.fail(err)
-		// The calls now fail as the connection's did; wait for that below.
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package memserver
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -235,55 +236,114 @@ func TestServerRestart(t *testing.T) {
 	}
 }
 
+// fakeHandshake runs a server's end of the handshake for any snapshot,
+// with keys derived from capability c, and answers with acceptFrame
+// (unsealed; it is sealed here). Unlike a real server, it does not check
+// the client's finish. It returns the session, or nil if the client went
+// away.
+func fakeHandshake(nc net.Conn, c Capability, acceptFrame []byte) *session {
+	_, b, err := readFrame(nc, maxHelloFrame, nil)
+	if err != nil {
+		return nil
+	}
+	h, err := decodeHello(b)
+	if err != nil {
+		return nil
+	}
+	r := helloReply{version: ProtocolVersion, status: helloOK, nonce: newNonce()}
+	nc.Write(appendHelloReply(nil, r))
+	typ, b, err := readFrame(nc, finishFrameLen, nil)
+	if err != nil {
+		return nil
+	}
+	keys, _ := deriveKeys(c, h.snapshotID, h.nonce, r.nonce)
+	sess, _ := serverSession(keys)
+	sess.open.open(typ, b)
+	a, _ := sess.seal.seal(bytes.Clone(acceptFrame), 0)
+	nc.Write(a)
+	return sess
+}
+
 // A server that breaks the protocol: the client drops the connection,
 // retries, and fails with ErrUnavailable; it never allocates past the
 // frame limit it negotiated.
 func TestMisbehavingServer(t *testing.T) {
-	okHello := appendHelloReply(nil, helloReply{version: 1, status: helloOK, maxBatch: 4, pages: 16})
-	respond := func(f func(id uint64) []byte) func(net.Conn) {
+	okAccept := appendAccept(nil, accept{maxBatch: 4, pages: 16})
+	respond := func(f func(sess *session, id uint64) []byte) func(net.Conn) {
 		return func(nc net.Conn) {
-			if _, _, err := readFrame(nc, maxHelloFrame, nil); err != nil {
+			sess := fakeHandshake(nc, testCapability, okAccept)
+			if sess == nil {
 				return
 			}
-			nc.Write(okHello)
-			_, b, err := readFrame(nc, maxRequestFrame(4), nil)
+			typ, b, err := readFrame(nc, maxRequestFrame(4), nil)
 			if err != nil {
 				return
 			}
+			if b, err = sess.open.open(typ, b); err != nil {
+				return
+			}
 			req, _ := decodeRequest(b, 4)
-			nc.Write(f(req.id))
+			nc.Write(f(sess, req.id))
 		}
+	}
+	sealed := func(sess *session, frame []byte) []byte {
+		b, _ := sess.seal.seal(frame, 0)
+		return b
 	}
 	tests := []struct {
 		name  string
 		serve func(net.Conn)
+		auth  bool // the client's error is an authentication failure
 	}{
-		{"bad hello reply", func(nc net.Conn) {
+		{"bad accept", func(nc net.Conn) {
+			fakeHandshake(nc, testCapability, appendAccept(nil, accept{maxBatch: MaxBatchLimit + 1, pages: 16}))
+		}, false},
+		{"accept sealed with another capability", func(nc net.Conn) {
+			fakeHandshake(nc, testCapability, okAccept)
+		}, true},
+		{"second hello reply instead of an accept", func(nc net.Conn) {
 			readFrame(nc, maxHelloFrame, nil)
-			nc.Write(appendHelloReply(nil, helloReply{version: 1, status: helloOK, maxBatch: MaxBatchLimit + 1, pages: 16}))
-		}},
-		{"wrong page count", respond(func(id uint64) []byte {
-			return appendResponse(nil, response{id: id, status: statusOK, kinds: []byte{kindZero, kindZero}})
-		})},
-		{"frame over the limit", respond(func(uint64) []byte {
+			nc.Write(appendHelloReply(nil, helloReply{version: ProtocolVersion, status: helloOK}))
+			readFrame(nc, finishFrameLen, nil)
+			nc.Write(appendHelloReply(nil, helloReply{version: ProtocolVersion, status: helloOK}))
+		}, false},
+		{"wrong page count", respond(func(sess *session, id uint64) []byte {
+			return sealed(sess, appendResponse(nil, response{id: id, status: statusOK, kinds: []byte{kindZero, kindZero}}))
+		}), false},
+		{"frame over the limit", respond(func(*session, uint64) []byte {
 			return binary.BigEndian.AppendUint32(nil, maxResponseFrame(4)+1)
-		})},
-		{"hello reply again", respond(func(uint64) []byte { return okHello })},
-		{"garbage", respond(func(uint64) []byte { return []byte("\x00\x00\x00\x05hello") })},
+		}), false},
+		{"accept again", respond(func(sess *session, _ uint64) []byte { return sealed(sess, okAccept) }), false},
+		{"unsealed response", respond(func(_ *session, id uint64) []byte {
+			return appendResponse(nil, response{id: id, status: statusOK, kinds: []byte{kindZero}})
+		}), true},
+		{"garbage", respond(func(*session, uint64) []byte { return []byte("\x00\x00\x00\x15hello, this is not it") }), true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			addr := fakeServer(t, tt.serve)
 			var retries atomic.Int32
+			var firstErr error
 			cfg := ClientConfig{Retries: 2, BaseDelay: time.Millisecond, Timeout: 5 * time.Second, Logger: testLogger(t),
-				OnRetry: func(int, time.Duration, error) { retries.Add(1) }}
-			c, err := cfg.Dial(context.Background(), addr, "a", Capability{})
+				OnRetry: func(_ int, _ time.Duration, err error) {
+					if retries.Add(1) == 1 {
+						firstErr = err
+					}
+				}}
+			c := testCapability
+			if tt.name == "accept sealed with another capability" {
+				c[0] ^= 1
+			}
+			cl, err := cfg.Dial(context.Background(), addr, "a", c)
 			if err == nil {
-				defer c.Close()
-				_, err = c.Fetch(context.Background(), []uint64{1})
+				defer cl.Close()
+				_, err = cl.Fetch(context.Background(), []uint64{1})
 			}
 			if !errors.Is(err, ErrUnavailable) || retries.Load() != 2 {
-				t.Errorf("got %v after %d retries, want ErrUnavailable after 2", err, retries.Load())
+				t.Fatalf("got %v after %d retries, want ErrUnavailable after 2", err, retries.Load())
+			}
+			if errors.Is(firstErr, ErrAuth) != tt.auth || !tt.auth && !errors.Is(firstErr, ErrProtocol) {
+				t.Errorf("first failure: %v, want an authentication failure %v", firstErr, tt.auth)
 			}
 		})
 	}

@@ -170,10 +170,17 @@ var fastRetries = ClientConfig{Retries: 10, BaseDelay: 5 * time.Millisecond, Max
 
 func dial(t testing.TB, cfg ClientConfig, s *Server, id string, c Capability) *Client {
 	t.Helper()
+	return dialAddr(t, cfg, s.Addr().String(), id, c)
+}
+
+// dialAddr dials addr, a server or a proxy to one; the client is closed
+// when the test ends.
+func dialAddr(t testing.TB, cfg ClientConfig, addr, id string, c Capability) *Client {
+	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)
 	}
-	cl, err := cfg.Dial(context.Background(), s.Addr().String(), id, c)
+	cl, err := cfg.Dial(context.Background(), addr, id, c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,11 +256,18 @@ func (rc *rawConn) write(b []byte) {
 	}
 }
 
-// hello says hello and returns the server's reply.
-func (rc *rawConn) hello(id string, c Capability, version uint16) helloReply {
+// hello says hello with a fresh nonce and returns it and the server's
+// reply.
+func (rc *rawConn) hello(id string, version uint16) (hello, helloReply) {
 	rc.t.Helper()
-	rc.write(appendHello(nil, hello{version: version, snapshotID: id, capability: c}))
-	typ, body, err := readFrame(rc.nc, 1+helloReplyLen, nil)
+	h := hello{version: version, snapshotID: id, nonce: newNonce()}
+	rc.write(appendHello(nil, h))
+	return h, rc.readHelloReply()
+}
+
+func (rc *rawConn) readHelloReply() helloReply {
+	rc.t.Helper()
+	typ, body, err := readFrame(rc.nc, maxHelloReplyFrame, nil)
 	if err != nil || typ != frameHelloReply {
 		rc.t.Fatalf("hello reply: type %d, %v", typ, err)
 	}
@@ -262,6 +276,85 @@ func (rc *rawConn) hello(id string, c Capability, version uint16) helloReply {
 		rc.t.Fatal(err)
 	}
 	return r
+}
+
+// finish ends the handshake that h and r began, with capability c. It
+// returns the session and the accept if the server accepts, or the
+// refusal it sends instead.
+func (rc *rawConn) finish(id string, c Capability, h hello, r helloReply) (*session, accept, helloReply) {
+	rc.t.Helper()
+	keys, err := deriveKeys(c, id, h.nonce, r.nonce)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	sess, err := clientSession(keys)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	rc.writeSealed(sess, beginFrame(nil, frameFinish))
+	typ, body, err := readFrame(rc.nc, max(maxHelloReplyFrame, acceptFrameLen), nil)
+	if err != nil {
+		rc.t.Fatalf("after the finish: %v", err)
+	}
+	if typ == frameHelloReply {
+		refusal, err := decodeHelloReply(body)
+		if err != nil {
+			rc.t.Fatal(err)
+		}
+		return nil, accept{}, refusal
+	}
+	pt, err := sess.open.open(typ, body)
+	if err != nil || typ != frameAccept {
+		rc.t.Fatalf("accept: type %d, %v", typ, err)
+	}
+	a, err := decodeAccept(pt)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	return sess, a, helloReply{version: ProtocolVersion, status: helloOK}
+}
+
+// handshake runs a client's handshake by hand and fails the test unless
+// the server accepts.
+func (rc *rawConn) handshake(id string, c Capability) *session {
+	rc.t.Helper()
+	h, r := rc.hello(id, ProtocolVersion)
+	if r.status != helloOK {
+		rc.t.Fatalf("hello refused: %+v", r)
+	}
+	sess, _, refusal := rc.finish(id, c, h, r)
+	if sess == nil {
+		rc.t.Fatalf("handshake refused: %+v", refusal)
+	}
+	return sess
+}
+
+// writeSealed seals each of the unsealed frames with sess and writes them
+// at once.
+func (rc *rawConn) writeSealed(sess *session, frames ...[]byte) {
+	rc.t.Helper()
+	var b []byte
+	for _, f := range frames {
+		start := len(b)
+		var err error
+		if b, err = sess.seal.seal(append(b, f...), start); err != nil {
+			rc.t.Fatal(err)
+		}
+	}
+	rc.write(b)
+}
+
+// readSealed reads and opens one sealed frame.
+func (rc *rawConn) readSealed(sess *session, limit uint32) (byte, []byte) {
+	rc.t.Helper()
+	typ, body, err := readFrame(rc.nc, limit, nil)
+	if err == nil {
+		body, err = sess.open.open(typ, body)
+	}
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	return typ, body
 }
 
 // expectClosed reads until the server closes the connection, failing on

@@ -20,7 +20,8 @@ type Stats struct {
 	DataBytes           uint64    // page data sent: DataPages x PageSize
 	SentBytes           uint64    // frames written to connections, headers included (a failed write counts whole)
 	BadFrames           uint64    // malformed or unexpected frames; each closed its connection
-	Refused             uint64    // hellos refused: unknown snapshot, wrong capability or version
+	AuthFailures        uint64    // sealed frames that failed authentication (altered, replayed, reordered, cut short, other keys); each closed its connection
+	Refused             uint64    // handshakes refused: unknown snapshot, wrong capability or version
 	Connections         int       // open now
 	ConnectionsTotal    uint64    // accepted, rejected ones included
 	ConnectionsRejected uint64    // closed at once because MaxConns were open
@@ -67,7 +68,8 @@ type metrics struct {
 	requests, errors                atomic.Uint64
 	dataPages, zeroPages, holePages atomic.Uint64
 	dataBytes, sentBytes            atomic.Uint64
-	badFrames, refused              atomic.Uint64
+	badFrames, authFailures         atomic.Uint64
+	refused                         atomic.Uint64
 	connsTotal, connsRejected       atomic.Uint64
 	latencyCounts                   [16]atomic.Uint64 // len(latencyBounds)+1
 	latencyCount                    atomic.Uint64
@@ -110,6 +112,7 @@ func (s *Server) Stats() Stats {
 		DataBytes:           m.dataBytes.Load(),
 		SentBytes:           m.sentBytes.Load(),
 		BadFrames:           m.badFrames.Load(),
+		AuthFailures:        m.authFailures.Load(),
 		Refused:             m.refused.Load(),
 		Connections:         conns,
 		ConnectionsTotal:    m.connsTotal.Load(),
@@ -135,7 +138,8 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 	metric("data_bytes_total", "counter", "Page data sent.", st.DataBytes)
 	metric("sent_bytes_total", "counter", "Bytes written to connections, frame headers included.", st.SentBytes)
 	metric("bad_frames_total", "counter", "Malformed or unexpected frames; each closed its connection.", st.BadFrames)
-	metric("hellos_refused_total", "counter", "Hellos refused: unknown snapshot, wrong capability or version.", st.Refused)
+	metric("auth_failures_total", "counter", "Sealed frames that failed authentication; each closed its connection.", st.AuthFailures)
+	metric("hellos_refused_total", "counter", "Handshakes refused: unknown snapshot, wrong capability or version.", st.Refused)
 	metric("connections", "gauge", "Connections open.", st.Connections)
 	metric("connections_total", "counter", "Connections accepted.", st.ConnectionsTotal)
 	metric("connections_rejected_total", "counter", "Connections closed at once because the limit was reached.", st.ConnectionsRejected)

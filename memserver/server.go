@@ -3,7 +3,6 @@ package memserver
 import (
 	"bufio"
 	"context"
-	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -58,9 +57,9 @@ type Server struct {
 	log     hclog.Logger
 	ln      net.Listener
 	metrics metrics
-	// refusedCapability is compared against when a hello names an unknown
-	// snapshot, so that unknown IDs cost the same time as wrong
-	// capabilities.
+	// refusedCapability stands in for the capability of an unknown
+	// snapshot in the handshake, so that unknown IDs look and cost the same
+	// as wrong capabilities.
 	refusedCapability Capability
 
 	slots chan struct{} // MaxInFlight
@@ -77,6 +76,9 @@ type Server struct {
 	// testHookServing, if set, is called with a reference to the snapshot
 	// held, before its pages are read.
 	testHookServing func(snapshotID string)
+	// testSealLimit, if not 0, is the most frames a connection seals
+	// (its accept included) instead of maxSealedFrames.
+	testSealLimit uint64
 }
 
 // New returns a server listening on cfg.Listen. It serves once Serve is
@@ -117,7 +119,7 @@ func New(cfg Config) (*Server, error) {
 		snapshots:         map[string]*snapshot{},
 		conns:             map[net.Conn]struct{}{},
 	}
-	size := lengthLen + int(maxResponseFrame(cfg.MaxBatch))
+	size := lengthLen + int(maxResponseFrame(cfg.MaxBatch)) // sealed
 	s.bufs.New = func() interface{} {
 		b := make([]byte, 0, size)
 		return &b
@@ -281,29 +283,33 @@ func (s *Server) Close() error {
 }
 
 // serverConn is one client's connection, bound to one snapshot by its
-// hello.
+// handshake.
 type serverConn struct {
-	s      *Server
-	nc     net.Conn
-	log    hclog.Logger
-	snap   *snapshot
+	s    *Server
+	nc   net.Conn
+	log  hclog.Logger
+	snap *snapshot
+
+	// wmu serialises sealing and writing: frames are numbered in the
+	// order they are written.
 	wmu    sync.Mutex
+	seal   *sealer
 	failed bool // a write failed; guarded by wmu
 }
 
-// serveConn runs a connection: the hello, then requests until the client
-// hangs up, sends a bad frame, or the server closes.
+// serveConn runs a connection: the handshake, then requests until the
+// client hangs up, sends a bad frame, or the server closes.
 func (s *Server) serveConn(nc net.Conn) {
 	defer s.wg.Done()
 	defer s.untrack(nc)
 	defer nc.Close()
 	log := s.log.With("remote", nc.RemoteAddr().String())
 	br := bufio.NewReaderSize(nc, 4096)
-	snap := s.handshake(nc, br, log)
+	snap, sess := s.handshake(nc, br, log)
 	if snap == nil {
 		return
 	}
-	c := &serverConn{s: s, nc: nc, log: log.With("snapshot", snap.id), snap: snap}
+	c := &serverConn{s: s, nc: nc, log: log.With("snapshot", snap.id), snap: snap, seal: sess.seal}
 	var inflight sync.WaitGroup
 	defer inflight.Wait()
 
@@ -312,8 +318,11 @@ func (s *Server) serveConn(nc net.Conn) {
 	buf := make([]byte, limit)
 	for {
 		typ, body, err := readFrame(br, limit, buf)
+		if err == nil {
+			body, err = sess.open.open(typ, body)
+		}
 		if err == nil && typ != frameRequest {
-			err = protocolError("frame type %d after the hello", typ)
+			err = protocolError("frame type %d after the handshake", typ)
 		}
 		var req request
 		if err == nil {
@@ -351,6 +360,9 @@ func (s *Server) serveConn(nc net.Conn) {
 // connError accounts for the error that ends a connection.
 func (s *Server) connError(log hclog.Logger, err error) {
 	switch {
+	case errors.Is(err, ErrAuth):
+		s.metrics.authFailures.Add(1)
+		log.Warn("closing connection: frame failed authentication", "error", err)
 	case errors.Is(err, ErrProtocol):
 		s.metrics.badFrames.Add(1)
 		log.Warn("closing connection: bad frame", "error", err)
@@ -360,55 +372,10 @@ func (s *Server) connError(log hclog.Logger, err error) {
 	}
 }
 
-// handshake reads the hello and answers it. It returns the snapshot the
-// connection is bound to, or nil if the connection must be closed.
-func (s *Server) handshake(nc net.Conn, br *bufio.Reader, log hclog.Logger) *snapshot {
-	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	typ, body, err := readFrame(br, maxHelloFrame, nil)
-	if err == nil && typ != frameHello {
-		err = protocolError("frame type %d before the hello", typ)
-	}
-	var h hello
-	if err == nil {
-		h, err = decodeHello(body)
-	}
-	reply := func(r helloReply) {
-		r.version = ProtocolVersion
-		b := appendHelloReply(nil, r)
-		s.metrics.sentBytes.Add(uint64(len(b)))
-		if _, err := nc.Write(b); err != nil {
-			log.Debug("hello reply failed", "error", err)
-		}
-	}
-	switch {
-	case errors.Is(err, errVersion):
-		s.metrics.refused.Add(1)
-		log.Warn("hello refused: version", "version", h.version)
-		reply(helloReply{status: helloVersion})
-		return nil
-	case err != nil:
-		s.connError(log, err)
-		return nil
-	}
-	snap := s.lookup(h.snapshotID)
-	want := s.refusedCapability
-	if snap != nil {
-		want = snap.capability
-	}
-	if subtle.ConstantTimeCompare(want[:], h.capability[:]) != 1 || snap == nil {
-		s.metrics.refused.Add(1)
-		log.Warn("hello refused", "snapshot", h.snapshotID)
-		reply(helloReply{status: helloRefused})
-		return nil
-	}
-	reply(helloReply{status: helloOK, maxBatch: uint32(s.cfg.MaxBatch), pages: snap.pages})
-	nc.SetDeadline(time.Time{})
-	log.Debug("client connected", "snapshot", h.snapshotID)
-	return snap
-}
-
 // serveRequest answers one request. The counters are updated before the
-// response is written, so that a client that has its answer sees them.
+// response is written, so that a client that has its answer sees them. The
+// response is built unsealed, concurrently with the connection's other
+// requests, then sealed whole in place, in write order.
 func (c *serverConn) serveRequest(req request) {
 	s := c.s
 	start := time.Now()
@@ -421,7 +388,7 @@ func (c *serverConn) serveRequest(req request) {
 	if failed {
 		s.metrics.errors.Add(1)
 	}
-	s.metrics.sentBytes.Add(uint64(len(b)))
+	s.metrics.sentBytes.Add(uint64(len(b) + tagLen))
 	s.metrics.observe(time.Since(start))
 
 	c.wmu.Lock()
@@ -429,6 +396,15 @@ func (c *serverConn) serveRequest(req request) {
 	if c.failed {
 		return
 	}
+	b, err := c.seal.seal(b, 0)
+	if err != nil {
+		// The client reconnects, with new keys.
+		c.failed = true
+		c.nc.Close()
+		c.log.Info("closing connection", "reason", err)
+		return
+	}
+	*bp = b[:0]
 	c.nc.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 	if _, err := c.nc.Write(b); err != nil {
 		// The stream is broken mid-frame: the connection is over.

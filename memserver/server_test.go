@@ -3,6 +3,7 @@ package memserver
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"net"
@@ -69,9 +70,10 @@ func TestZeroPagesNotSent(t *testing.T) {
 				t.Fatal(err)
 			}
 			st := s.Stats()
-			// 10 responses of 100 pages: header, ID, status, count, kinds.
-			overhead := 10 * (lengthLen + 1 + okFixedLen + 100)
-			hello := lengthLen + 1 + helloReplyLen
+			// 10 responses of 100 pages: header, ID, status, count,
+			// kinds, tag.
+			overhead := 10 * (lengthLen + 1 + okFixedLen + 100 + tagLen)
+			hello := lengthLen + 1 + helloReplyLen + lengthLen + acceptFrameLen
 			if st.DataPages != uint64(data) || st.ZeroPages != uint64(holes+zeros) ||
 				st.DataBytes != uint64(data*PageSize) || st.SentBytes != uint64(data*PageSize+overhead+hello) {
 				t.Errorf("got %d data pages, %d zero, %d data bytes, %d sent; want %d, %d, %d, %d",
@@ -83,55 +85,6 @@ func TestZeroPagesNotSent(t *testing.T) {
 				t.Errorf("got %d hole pages, file has %d", st.HolePages, holes)
 			}
 		})
-	}
-}
-
-func TestRefused(t *testing.T) {
-	sf := writeSnapshot(t, t.TempDir(), "ram", 8, 4)
-	s := startServer(t, Config{})
-	good := register(t, s, "a", sf)
-	bad := good
-	bad[31] ^= 1
-	retried := false
-	cfg := ClientConfig{OnRetry: func(int, time.Duration, error) { retried = true }}
-
-	tests := []struct {
-		id  string
-		cap Capability
-	}{
-		{"a", bad},            // wrong capability
-		{"a", Capability{}},   // none
-		{"b", good},           // unknown snapshot
-		{"a-longer-id", good}, // prefix of nothing
-	}
-	for i, tt := range tests {
-		_, err := cfg.Dial(context.Background(), s.Addr().String(), tt.id, tt.cap)
-		if !errors.Is(err, ErrRefused) {
-			t.Errorf("#%d: got %v, want ErrRefused", i, err)
-		}
-		// The refusal comes with a closed connection.
-		rc := dialRaw(t, s)
-		if r := rc.hello(tt.id, tt.cap, ProtocolVersion); r.status != helloRefused {
-			t.Errorf("#%d: got status %d, want refused", i, r.status)
-		}
-		rc.expectClosed()
-	}
-	if retried {
-		t.Error("a refusal was retried")
-	}
-	// Another version is told ours, and closed.
-	rc := dialRaw(t, s)
-	if r := rc.hello("a", good, 2); r.status != helloVersion || r.version != ProtocolVersion {
-		t.Errorf("got %+v, want a version refusal", r)
-	}
-	rc.expectClosed()
-	if st := s.Stats(); st.Refused != 2*uint64(len(tests))+1 || st.BadFrames != 0 {
-		t.Errorf("got %d refused, %d bad frames", st.Refused, st.BadFrames)
-	}
-	// The right capability still works.
-	c := dial(t, ClientConfig{}, s, "a", good)
-	if _, err := c.Fetch(context.Background(), []uint64{0}); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -234,7 +187,9 @@ func TestOutOfRange(t *testing.T) {
 }
 
 // Malformed frames close their connection, are counted, and affect no other
-// connection.
+// connection. After the handshake, frames that are not sealed with the
+// connection's key count as authentication failures; sealed ones that do
+// not follow the protocol as bad frames.
 func TestMalformedFrames(t *testing.T) {
 	sf := writeSnapshot(t, t.TempDir(), "ram", 16, 7)
 	s := startServer(t, Config{MaxBatch: 4})
@@ -243,45 +198,72 @@ func TestMalformedFrames(t *testing.T) {
 		t.Errorf("the good client had to reconnect: %v", err)
 	}}, s, "a", capA)
 
-	hello := appendHello(nil, hello{version: 1, snapshotID: "a", capability: capA})
+	helloA := appendHello(nil, hello{version: ProtocolVersion, snapshotID: "a", nonce: testNonce})
 	req := func(rs ...pageRange) []byte { return appendRequest(nil, request{id: 1, ranges: rs}) }
 	frame := func(typ byte, body ...byte) []byte {
 		return finishFrame(append(beginFrame(nil, typ), body...), 0)
 	}
+	const (
+		beforeHello    = iota
+		afterHello     // the hello answered, no finish
+		afterHandshake // sent as is
+		sealed         // after the handshake, sealed first
+	)
 	tests := []struct {
-		name       string
-		afterHello bool
-		send       []byte
+		name  string
+		stage int
+		send  []byte
+		auth  bool // counted as an authentication failure, not a bad frame
 	}{
-		{"http", false, []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")},
-		{"zero length", false, []byte{0, 0, 0, 0}},
-		{"huge length", false, []byte{0x7f, 0xff, 0xff, 0xff, frameHello}},
-		{"request first", false, req(pageRange{0, 1})},
-		{"bad magic", false, append(append([]byte{}, hello[:5]...), append([]byte("XXXX"), hello[9:]...)...)},
-		{"bad id", false, appendHello(nil, hello2("a/b", capA))},
-		{"short hello", false, frame(frameHello, 'S', 'F')},
-		{"hello twice", true, hello},
-		{"response from client", true, appendResponse(nil, response{id: 1, status: statusReleased})},
-		{"unknown type", true, frame(0x7f, 1, 2, 3)},
-		{"over batch", true, req(pageRange{0, 5})},
-		{"over batch in ranges", true, req(pageRange{0, 2}, pageRange{4, 2}, pageRange{8, 1})},
-		{"empty range", true, req(pageRange{0, 0})},
-		{"no ranges", true, req()},
-		{"request too long", true, frame(frameRequest, make([]byte, int(maxRequestFrame(4)))...)},
-		{"truncated range", true, frame(frameRequest, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0)},
+		{"http", beforeHello, []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false},
+		{"zero length", beforeHello, []byte{0, 0, 0, 0}, false},
+		{"huge length", beforeHello, []byte{0x7f, 0xff, 0xff, 0xff, frameHello}, false},
+		{"request first", beforeHello, req(pageRange{0, 1}), false},
+		{"bad magic", beforeHello, append(append([]byte{}, helloA[:5]...), append([]byte("XXXX"), helloA[9:]...)...), false},
+		{"bad id", beforeHello, appendHello(nil, hello{version: ProtocolVersion, snapshotID: "a/b"}), false},
+		{"short hello", beforeHello, frame(frameHello, 'S', 'F'), false},
+		{"hello twice", afterHello, helloA, false},
+		{"request instead of finish", afterHello, req(pageRange{0, 1}), false},
+		{"finish too long", afterHello, frame(frameFinish, make([]byte, tagLen+1)...), false},
+		{"plain request", afterHandshake, req(pageRange{0, 1}), true},
+		{"plain hello", afterHandshake, helloA, true},
+		{"garbage", afterHandshake, frame(frameRequest, make([]byte, 40)...), true},
+		{"request too long", afterHandshake, frame(frameRequest, make([]byte, int(maxRequestFrame(4)))...), false},
+		{"sealed hello", sealed, helloA, false},
+		{"sealed finish again", sealed, beginFrame(nil, frameFinish), false},
+		{"response from client", sealed, appendResponse(nil, response{id: 1, status: statusReleased}), false},
+		{"unknown type", sealed, frame(0x7f, 1, 2, 3), false},
+		{"over batch", sealed, req(pageRange{0, 5}), false},
+		{"over batch in ranges", sealed, req(pageRange{0, 2}, pageRange{4, 2}, pageRange{8, 1}), false},
+		{"empty range", sealed, req(pageRange{0, 0}), false},
+		{"no ranges", sealed, req(), false},
+		{"truncated range", sealed, frame(frameRequest, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0), false},
 	}
 	for i, tt := range tests {
-		before := s.Stats().BadFrames
+		before := s.Stats()
 		rc := dialRaw(t, s)
-		if tt.afterHello {
-			if r := rc.hello("a", capA, ProtocolVersion); r.status != helloOK {
+		switch tt.stage {
+		case beforeHello:
+			rc.write(tt.send)
+		case afterHello:
+			if _, r := rc.hello("a", ProtocolVersion); r.status != helloOK {
 				t.Fatalf("%s: hello refused", tt.name)
 			}
+			rc.write(tt.send)
+		case afterHandshake:
+			rc.handshake("a", capA)
+			rc.write(tt.send)
+		case sealed:
+			rc.writeSealed(rc.handshake("a", capA), tt.send)
 		}
-		rc.write(tt.send)
 		rc.expectClosed()
-		if got := s.Stats().BadFrames; got != before+1 {
-			t.Errorf("#%d %s: %d bad frames counted, want 1", i, tt.name, got-before)
+		st := s.Stats()
+		bad, auth := st.BadFrames-before.BadFrames, st.AuthFailures-before.AuthFailures
+		if tt.auth && (bad != 0 || auth != 1) || !tt.auth && (bad != 1 || auth != 0) {
+			t.Errorf("#%d %s: %d bad frames and %d authentication failures counted", i, tt.name, bad, auth)
+		}
+		if st.Refused != before.Refused {
+			t.Errorf("#%d %s: counted as refused", i, tt.name)
 		}
 		want := []uint64{uint64(i % sf.pages)}
 		got, err := other.Fetch(context.Background(), want)
@@ -294,15 +276,27 @@ func TestMalformedFrames(t *testing.T) {
 	}
 }
 
-func hello2(id string, c Capability) hello {
-	return hello{version: ProtocolVersion, snapshotID: id, capability: c}
-}
-
+// A client that stalls anywhere in the handshake is disconnected.
 func TestHandshakeTimeout(t *testing.T) {
+	sf := writeSnapshot(t, t.TempDir(), "ram", 4, 14)
 	s := startServer(t, Config{HandshakeTimeout: 50 * time.Millisecond})
-	rc := dialRaw(t, s)
-	rc.write([]byte{0, 0}) // half a length, then nothing
-	rc.expectClosed()
+	register(t, s, "a", sf)
+	tests := []struct {
+		name  string
+		stall func(rc *rawConn)
+	}{
+		{"half a length", func(rc *rawConn) { rc.write([]byte{0, 0}) }},
+		{"no finish", func(rc *rawConn) {
+			if _, r := rc.hello("a", ProtocolVersion); r.status != helloOK {
+				t.Fatalf("hello answered %+v", r)
+			}
+		}},
+	}
+	for _, tt := range tests {
+		rc := dialRaw(t, s)
+		tt.stall(rc)
+		rc.expectClosed()
+	}
 }
 
 func TestMaxConns(t *testing.T) {
@@ -523,9 +517,12 @@ func TestQuantile(t *testing.T) {
 	}
 }
 
-// FuzzServerStream sends arbitrary bytes after a valid hello to a real
-// server: it never crashes, everything it sends back is well formed, and
-// it keeps serving other clients.
+// FuzzServerStream sends arbitrary frames after a valid handshake to a
+// real server: it never crashes, everything it sends back is well formed,
+// and it keeps serving other clients. The input is read as unsealed frames,
+// each sealed before it is sent, so that the fuzzer reaches the request
+// decoder and what follows it; whatever does not read as a frame is sent
+// as it is.
 func FuzzServerStream(f *testing.F) {
 	sf := writeSnapshot(f, f.TempDir(), "ram", 16, 13)
 	s := startServer(f, Config{MaxBatch: 8, Logger: hclog.NewNullLogger()})
@@ -538,29 +535,41 @@ func FuzzServerStream(f *testing.F) {
 	f.Add(req(pageRange{1<<64 - 1, 8}))
 	f.Add(req(pageRange{0, 9}))
 	f.Add([]byte{0, 0, 0, 3, frameRequest, 1, 2})
+	f.Add(append(req(pageRange{0, 1}), 0, 0, 0, 1, frameRequest))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		nc, err := net.Dial("tcp", s.Addr().String())
-		if err != nil {
-			t.Fatal(err)
+		rc := dialRaw(t, s)
+		sess := rc.handshake("a", capA)
+		var out []byte
+		for len(in) >= lengthLen+1 {
+			n := int(binary.BigEndian.Uint32(in))
+			if n == 0 || n > len(in)-lengthLen || n > int(maxRequestFrame(8)) {
+				break
+			}
+			start := len(out)
+			var err error
+			if out, err = sess.seal.seal(append(out, in[:lengthLen+n]...), start); err != nil {
+				t.Fatal(err)
+			}
+			in = in[lengthLen+n:]
 		}
-		defer nc.Close()
-		nc.SetDeadline(time.Now().Add(20 * time.Second))
+		out = append(out, in...)
 		var wg sync.WaitGroup
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			nc.Write(appendHello(nil, hello2("a", capA)))
-			nc.Write(in)
-			nc.(*net.TCPConn).CloseWrite()
+			rc.nc.Write(out)
+			rc.nc.(*net.TCPConn).CloseWrite()
 		}()
 		defer wg.Wait()
-		br := bufio.NewReader(nc)
-		typ, b, err := readFrame(br, 1+helloReplyLen, nil)
-		if err != nil || typ != frameHelloReply {
-			t.Fatalf("hello reply: %d, %v", typ, err)
-		}
+		br := bufio.NewReader(rc.nc)
 		for {
-			typ, b, err = readFrame(br, maxResponseFrame(8), nil)
+			typ, b, err := readFrame(br, maxResponseFrame(8), nil)
+			if err == nil {
+				b, err = sess.open.open(typ, b)
+				if err != nil {
+					t.Fatalf("a response: %v", err)
+				}
+			}
 			if err != nil {
 				var ne net.Error
 				if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, ErrProtocol) {

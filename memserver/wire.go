@@ -13,7 +13,7 @@ import (
 const PageSize = 4096
 
 // ProtocolVersion is the wire protocol version this package speaks.
-const ProtocolVersion = 1
+const ProtocolVersion = 2
 
 // MaxBatchLimit is the most pages one request may ask for under any
 // configuration. It bounds a response frame at about 4 MiB.
@@ -28,17 +28,20 @@ var ErrProtocol = errors.New("memserver: protocol violation")
 
 var magic = [4]byte{'S', 'F', 'M', 'S'}
 
-// Frame types.
+// Frame types. Hello and hello reply travel in the clear; every other frame
+// is sealed (see seal.go).
 const (
 	frameHello      byte = 0x01
 	frameHelloReply byte = 0x02
 	frameRequest    byte = 0x03
 	frameResponse   byte = 0x04
+	frameFinish     byte = 0x05
+	frameAccept     byte = 0x06
 )
 
 // Hello reply statuses.
 const (
-	helloOK      byte = 0
+	helloOK      byte = 0 // the server's nonce follows: go on with the handshake
 	helloRefused byte = 1
 	helloVersion byte = 2
 )
@@ -58,31 +61,38 @@ const (
 )
 
 // Sizes, in bytes, of the parts of frames. A frame's length field counts
-// the type byte and the body.
+// the type byte and the body; a sealed frame's body ends with a tagLen
+// authentication tag.
 const (
-	lengthLen        = 4
-	capabilityLen    = 32                        // len(Capability{})
-	helloFixedLen    = 4 + 2 + 1 + capabilityLen // without the ID
-	maxHelloFrame    = 1 + helloFixedLen + MaxIDLen
-	helloReplyLen    = 2 + 1 + 4 + 8
-	requestFixedLen  = 8 + 2
-	rangeLen         = 8 + 4
-	responseFixedLen = 8 + 1
-	okFixedLen       = responseFixedLen + 4
-	maxErrorMessage  = 256
+	lengthLen          = 4
+	capabilityLen      = 32                   // len(Capability{})
+	nonceLen           = 32                   // a handshake nonce
+	helloFixedLen      = 4 + 2 + 1 + nonceLen // without the ID
+	maxHelloFrame      = 1 + helloFixedLen + MaxIDLen
+	helloReplyLen      = 2 + 1 + nonceLen // status ok
+	refusalLen         = 2 + 1 + 4 + 8    // other statuses: version 1's layout, so that a version 1 client understands
+	maxHelloReplyFrame = 1 + max(helloReplyLen, refusalLen)
+	finishFrameLen     = 1 + tagLen // an empty plaintext
+	acceptLen          = 4 + 8
+	acceptFrameLen     = 1 + acceptLen + tagLen
+	requestFixedLen    = 8 + 2
+	rangeLen           = 8 + 4
+	responseFixedLen   = 8 + 1
+	okFixedLen         = responseFixedLen + 4
+	maxErrorMessage    = 256
 )
 
-// maxRequestFrame is the longest request frame (length field value) for a
-// batch limit: one range per page.
+// maxRequestFrame is the longest sealed request frame (length field value)
+// for a batch limit: one range per page.
 func maxRequestFrame(maxBatch int) uint32 {
-	return uint32(1 + requestFixedLen + rangeLen*maxBatch)
+	return uint32(1 + requestFixedLen + rangeLen*maxBatch + tagLen)
 }
 
-// maxResponseFrame is the longest response frame (length field value) for a
-// batch limit: every page data.
+// maxResponseFrame is the longest sealed response frame (length field
+// value) for a batch limit: every page data.
 func maxResponseFrame(maxBatch int) uint32 {
 	ok := 1 + okFixedLen + maxBatch*(1+PageSize)
-	return uint32(max(ok, 1+responseFixedLen+2+maxErrorMessage))
+	return uint32(max(ok, 1+responseFixedLen+2+maxErrorMessage) + tagLen)
 }
 
 func protocolError(format string, a ...interface{}) error {
@@ -145,11 +155,12 @@ func validID(id string) bool {
 	return true
 }
 
-// hello opens a connection.
+// hello opens a connection. The nonce is the client's share of the
+// randomness the connection's keys derive from.
 type hello struct {
 	version    uint16
 	snapshotID string
-	capability Capability
+	nonce      [nonceLen]byte
 }
 
 func appendHello(b []byte, h hello) []byte {
@@ -159,7 +170,7 @@ func appendHello(b []byte, h hello) []byte {
 	b = binary.BigEndian.AppendUint16(b, h.version)
 	b = append(b, byte(len(h.snapshotID)))
 	b = append(b, h.snapshotID...)
-	b = append(b, h.capability[:]...)
+	b = append(b, h.nonce[:]...)
 	return finishFrame(b, start)
 }
 
@@ -195,16 +206,18 @@ func decodeHello(body []byte) (hello, error) {
 		return hello{}, protocolError("snapshot ID %q", id)
 	}
 	h.snapshotID = id
-	h.capability = Capability(body[7+n:])
+	h.nonce = [nonceLen]byte(body[7+n:])
 	return h, nil
 }
 
-// helloReply answers a hello.
+// helloReply answers a hello. An ok reply carries the server's nonce and
+// goes on with the handshake; a refusal ends the connection. Refusals keep
+// version 1's layout (a batch limit and a size, both zero) so that a
+// version 1 client reads the version refusal and reports it.
 type helloReply struct {
-	version  uint16
-	status   byte
-	maxBatch uint32 // ok only
-	pages    uint64 // ok only: the snapshot's size in pages
+	version uint16
+	status  byte
+	nonce   [nonceLen]byte // ok only
 }
 
 func appendHelloReply(b []byte, r helloReply) []byte {
@@ -212,40 +225,71 @@ func appendHelloReply(b []byte, r helloReply) []byte {
 	b = beginFrame(b, frameHelloReply)
 	b = binary.BigEndian.AppendUint16(b, r.version)
 	b = append(b, r.status)
-	b = binary.BigEndian.AppendUint32(b, r.maxBatch)
-	b = binary.BigEndian.AppendUint64(b, r.pages)
+	if r.status == helloOK {
+		b = append(b, r.nonce[:]...)
+	} else {
+		b = append(b, make([]byte, refusalLen-3)...)
+	}
 	return finishFrame(b, start)
 }
 
-// decodeHelloReply parses a hello reply body. An ok reply with a batch
-// limit the protocol does not allow is refused, since the client sizes its
-// frame limit from it.
+// decodeHelloReply parses a hello reply body.
 func decodeHelloReply(body []byte) (helloReply, error) {
-	if len(body) != helloReplyLen {
+	if len(body) < 3 {
 		return helloReply{}, protocolError("hello reply of %d bytes", len(body))
 	}
-	r := helloReply{
-		version:  binary.BigEndian.Uint16(body),
-		status:   body[2],
-		maxBatch: binary.BigEndian.Uint32(body[3:]),
-		pages:    binary.BigEndian.Uint64(body[7:]),
-	}
+	r := helloReply{version: binary.BigEndian.Uint16(body), status: body[2]}
 	switch r.status {
 	case helloOK:
+		if len(body) != helloReplyLen {
+			return helloReply{}, protocolError("hello reply of %d bytes", len(body))
+		}
 		if r.version != ProtocolVersion {
 			return helloReply{}, protocolError("ok from version %d", r.version)
 		}
-		if r.maxBatch == 0 || r.maxBatch > MaxBatchLimit || r.pages == 0 {
-			return helloReply{}, protocolError("hello reply with batch %d, %d pages", r.maxBatch, r.pages)
-		}
+		r.nonce = [nonceLen]byte(body[3:])
 	case helloRefused, helloVersion:
-		if r.maxBatch != 0 || r.pages != 0 {
-			return helloReply{}, protocolError("refusal with a batch or size")
+		if len(body) != refusalLen {
+			return helloReply{}, protocolError("refusal of %d bytes", len(body))
+		}
+		for _, c := range body[3:] {
+			if c != 0 {
+				return helloReply{}, protocolError("refusal with a batch or size")
+			}
 		}
 	default:
 		return helloReply{}, protocolError("hello status %d", r.status)
 	}
 	return r, nil
+}
+
+// accept is the plaintext of the server's first sealed frame, which ends
+// the handshake: what the connection may ask for.
+type accept struct {
+	maxBatch uint32
+	pages    uint64 // the snapshot's size in pages
+}
+
+// appendAccept appends an accept frame, to be sealed.
+func appendAccept(b []byte, a accept) []byte {
+	start := len(b)
+	b = beginFrame(b, frameAccept)
+	b = binary.BigEndian.AppendUint32(b, a.maxBatch)
+	b = binary.BigEndian.AppendUint64(b, a.pages)
+	return finishFrame(b, start)
+}
+
+// decodeAccept parses an opened accept. A batch limit the protocol does not
+// allow is refused, since the client sizes its frame limit from it.
+func decodeAccept(pt []byte) (accept, error) {
+	if len(pt) != acceptLen {
+		return accept{}, protocolError("accept of %d bytes", len(pt))
+	}
+	a := accept{maxBatch: binary.BigEndian.Uint32(pt), pages: binary.BigEndian.Uint64(pt[4:])}
+	if a.maxBatch == 0 || a.maxBatch > MaxBatchLimit || a.pages == 0 {
+		return accept{}, protocolError("accept with batch %d, %d pages", a.maxBatch, a.pages)
+	}
+	return a, nil
 }
 
 // pageRange is count pages from first.

@@ -51,11 +51,13 @@ func TestReadFrame(t *testing.T) {
 	}
 }
 
+var testNonce = [nonceLen]byte{0xa0, 0xa1, 0xa2, 0xa3, 31: 0xbf}
+
 func TestDecodeHello(t *testing.T) {
-	good := hello{version: ProtocolVersion, snapshotID: "vm-7.snap:1_a", capability: testCapability}
+	good := hello{version: ProtocolVersion, snapshotID: "vm-7.snap:1_a", nonce: testNonce}
 	withID := func(id string) []byte {
-		b := append(append([]byte{}, magic[:]...), 0, 1, byte(len(id)))
-		return append(append(b, id...), testCapability[:]...)
+		b := append(append([]byte{}, magic[:]...), 0, ProtocolVersion, byte(len(id)))
+		return append(append(b, id...), testNonce[:]...)
 	}
 	tests := []struct {
 		body    []byte
@@ -63,9 +65,11 @@ func TestDecodeHello(t *testing.T) {
 		wantErr error
 	}{
 		{body: body(appendHello(nil, good)), want: good},
-		{body: withID(strings.Repeat("x", MaxIDLen)), want: hello{version: 1, snapshotID: strings.Repeat("x", MaxIDLen), capability: testCapability}},
+		{body: withID(strings.Repeat("x", MaxIDLen)), want: hello{version: ProtocolVersion, snapshotID: strings.Repeat("x", MaxIDLen), nonce: testNonce}},
 		{body: append([]byte("SFMX"), body(appendHello(nil, good))[4:]...), wantErr: errNotMemserver},
-		{body: body(appendHello(nil, hello{version: 2, snapshotID: "a"})), want: hello{version: 2}, wantErr: errVersion},
+		{body: body(appendHello(nil, hello{version: 1, snapshotID: "a"})), want: hello{version: 1}, wantErr: errVersion},
+		{body: body(appendHello(nil, hello{version: 3, snapshotID: "a"})), want: hello{version: 3}, wantErr: errVersion},
+		{body: []byte("SFMS\x00\x01"), want: hello{version: 1}, wantErr: errVersion}, // any version 1 hello, however short
 		{body: []byte("SFMS\x00"), wantErr: ErrProtocol},
 		{body: withID("")[:10], wantErr: ErrProtocol},
 		{body: withID(""), wantErr: ErrProtocol},
@@ -93,16 +97,13 @@ func TestDecodeHelloReply(t *testing.T) {
 		in helloReply
 		ok bool
 	}{
-		{helloReply{version: 1, status: helloOK, maxBatch: 256, pages: 1 << 20}, true},
-		{helloReply{version: 1, status: helloOK, maxBatch: MaxBatchLimit, pages: 1}, true},
-		{helloReply{version: 1, status: helloRefused}, true},
+		{helloReply{version: ProtocolVersion, status: helloOK, nonce: testNonce}, true},
+		{helloReply{version: ProtocolVersion, status: helloOK}, true},
+		{helloReply{version: ProtocolVersion, status: helloRefused}, true},
 		{helloReply{version: 9, status: helloVersion}, true},
-		{helloReply{version: 1, status: helloOK, maxBatch: MaxBatchLimit + 1, pages: 1}, false},
-		{helloReply{version: 1, status: helloOK, maxBatch: 0, pages: 1}, false},
-		{helloReply{version: 1, status: helloOK, maxBatch: 1, pages: 0}, false},
-		{helloReply{version: 2, status: helloOK, maxBatch: 1, pages: 1}, false},
-		{helloReply{version: 1, status: helloRefused, pages: 1}, false},
-		{helloReply{version: 1, status: 3}, false},
+		{helloReply{version: 1, status: helloVersion}, true},
+		{helloReply{version: 1, status: helloOK, nonce: testNonce}, false},
+		{helloReply{version: ProtocolVersion, status: 3}, false},
 	}
 	for i, tt := range tests {
 		got, err := decodeHelloReply(body(appendHelloReply(nil, tt.in)))
@@ -113,8 +114,45 @@ func TestDecodeHelloReply(t *testing.T) {
 			t.Errorf("#%d: got %+v, %v, want a protocol error", i, got, err)
 		}
 	}
-	if _, err := decodeHelloReply(make([]byte, helloReplyLen+1)); !errors.Is(err, ErrProtocol) {
-		t.Errorf("long reply: got %v", err)
+	ok := body(appendHelloReply(nil, helloReply{version: ProtocolVersion, status: helloOK, nonce: testNonce}))
+	refusal := body(appendHelloReply(nil, helloReply{version: ProtocolVersion, status: helloRefused}))
+	for i, in := range [][]byte{
+		append(ok, 0), ok[:len(ok)-1], ok[:2], nil,
+		append(refusal, 0), refusal[:len(refusal)-1],
+		append(refusal[:len(refusal)-1:len(refusal)-1], 1),                         // a batch or size in a refusal
+		append([]byte{0, ProtocolVersion, helloOK}, make([]byte, refusalLen-3)...), // an ok of a refusal's length
+	} {
+		if _, err := decodeHelloReply(in); !errors.Is(err, ErrProtocol) {
+			t.Errorf("malformed #%d: got %v", i, err)
+		}
+	}
+}
+
+func TestDecodeAccept(t *testing.T) {
+	tests := []struct {
+		in accept
+		ok bool
+	}{
+		{accept{maxBatch: 256, pages: 1 << 20}, true},
+		{accept{maxBatch: MaxBatchLimit, pages: 1}, true},
+		{accept{maxBatch: MaxBatchLimit + 1, pages: 1}, false},
+		{accept{maxBatch: 0, pages: 1}, false},
+		{accept{maxBatch: 1, pages: 0}, false},
+	}
+	for i, tt := range tests {
+		got, err := decodeAccept(body(appendAccept(nil, tt.in)))
+		if tt.ok && (err != nil || got != tt.in) {
+			t.Errorf("#%d: got %+v, %v, want %+v", i, got, err, tt.in)
+		}
+		if !tt.ok && !errors.Is(err, ErrProtocol) {
+			t.Errorf("#%d: got %+v, %v, want a protocol error", i, got, err)
+		}
+	}
+	good := body(appendAccept(nil, accept{maxBatch: 1, pages: 1}))
+	for i, in := range [][]byte{append(good, 0), good[:acceptLen-1], nil} {
+		if _, err := decodeAccept(in); !errors.Is(err, ErrProtocol) {
+			t.Errorf("malformed #%d: got %v", i, err)
+		}
 	}
 }
 
@@ -191,7 +229,7 @@ func TestDecodeResponse(t *testing.T) {
 // canonical encoding of what it returns (so nothing is silently ignored).
 
 func FuzzReadFrame(f *testing.F) {
-	f.Add(appendHello(nil, hello{version: 1, snapshotID: "s", capability: testCapability}), uint32(maxHelloFrame))
+	f.Add(appendHello(nil, hello{version: ProtocolVersion, snapshotID: "s", nonce: testNonce}), uint32(maxHelloFrame))
 	f.Add(appendRequest(nil, request{id: 1, ranges: []pageRange{{1, 2}}}), uint32(maxRequestFrame(256)))
 	f.Add([]byte{0, 0, 0, 0}, uint32(10))
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 1}, uint32(10))
@@ -210,9 +248,10 @@ func FuzzReadFrame(f *testing.F) {
 }
 
 func FuzzDecodeHello(f *testing.F) {
-	f.Add(body(appendHello(nil, hello{version: 1, snapshotID: "snap-1", capability: testCapability})))
+	f.Add(body(appendHello(nil, hello{version: ProtocolVersion, snapshotID: "snap-1", nonce: testNonce})))
 	f.Add(body(appendHello(nil, hello{version: 7, snapshotID: "x"})))
-	f.Add([]byte("SFMS\x00\x01\x01"))
+	f.Add(body(appendHello(nil, hello{version: 1, snapshotID: "x"})))
+	f.Add([]byte("SFMS\x00\x02\x01"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, in []byte) {
 		h, err := decodeHello(in)
@@ -232,19 +271,37 @@ func FuzzDecodeHello(f *testing.F) {
 }
 
 func FuzzDecodeHelloReply(f *testing.F) {
-	f.Add(body(appendHelloReply(nil, helloReply{version: 1, status: helloOK, maxBatch: 256, pages: 100})))
-	f.Add(body(appendHelloReply(nil, helloReply{version: 1, status: helloRefused})))
-	f.Add(body(appendHelloReply(nil, helloReply{version: 3, status: helloVersion})))
+	f.Add(body(appendHelloReply(nil, helloReply{version: ProtocolVersion, status: helloOK, nonce: testNonce})))
+	f.Add(body(appendHelloReply(nil, helloReply{version: ProtocolVersion, status: helloRefused})))
+	f.Add(body(appendHelloReply(nil, helloReply{version: 1, status: helloVersion})))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		r, err := decodeHelloReply(in)
 		if err != nil {
 			return
 		}
-		if r.status == helloOK && (r.maxBatch == 0 || r.maxBatch > MaxBatchLimit) {
-			t.Fatalf("accepted batch %d", r.maxBatch)
+		if r.status == helloOK && r.version != ProtocolVersion {
+			t.Fatalf("accepted ok from version %d", r.version)
 		}
 		if !bytes.Equal(body(appendHelloReply(nil, r)), in) {
 			t.Fatalf("re-encoding of %+v differs", r)
+		}
+	})
+}
+
+func FuzzDecodeAccept(f *testing.F) {
+	f.Add(body(appendAccept(nil, accept{maxBatch: 256, pages: 100})))
+	f.Add(body(appendAccept(nil, accept{maxBatch: MaxBatchLimit + 1, pages: 1})))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, err := decodeAccept(in)
+		if err != nil {
+			return
+		}
+		if a.maxBatch == 0 || a.maxBatch > MaxBatchLimit || a.pages == 0 {
+			t.Fatalf("accepted %+v", a)
+		}
+		if !bytes.Equal(body(appendAccept(nil, a)), in) {
+			t.Fatalf("re-encoding of %+v differs", a)
 		}
 	})
 }
