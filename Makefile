@@ -4,7 +4,7 @@ GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 BIN := bin
 FUZZTIME ?= 30s
 
-.PHONY: all build test vet fmt-check demo bench bench-coord bench-boot fuzz clean
+.PHONY: all build test vet fmt-check demo bench bench-coord bench-boot bench-clone fuzz clean
 
 all: build
 
@@ -28,13 +28,18 @@ test: fmt-check vet
 demo: build
 	$(BIN)/sfdemo
 
-bench: bench-coord bench-boot
+bench: bench-coord bench-boot bench-clone
 
 bench-coord:
 	$(GO) run ./bench/coord -out bench/results/coord.json
 
 bench-boot: build
 	$(GO) run ./bench/boot -bin $(BIN) -out bench/results/boot.json
+
+# Clone vs cold boot on an in-process cluster of 4 hosts with QEMU guests
+# (needs root and /dev/fuse); about 10 minutes under TCG.
+bench-clone: build
+	$(GO) run ./bench/clone -bin $(BIN) -out bench/results/clone.json
 
 # Runs every fuzz target for FUZZTIME each.
 fuzz:
