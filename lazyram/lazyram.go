@@ -61,8 +61,11 @@ type Snapshot struct {
 	// as zeros and never fetched. Nil means every page may hold data.
 	HasData func(page uint64) bool
 	Source  PageSource
-	// Readahead is how many further data pages to fetch along with a miss
-	// (default 31, so a miss costs one round trip for up to 128 KiB).
+	// Readahead is the most further pages fetched along with a miss
+	// (default 63; negative: none). A reader's window starts at nothing
+	// and doubles from 8 pages while its reads continue where the last one
+	// ended, so scattered faults (a resumed guest) fetch only what they
+	// touch and a sequential scan costs one round trip per window.
 	Readahead int
 	// FetchTimeout bounds one fetch (default 60 s).
 	FetchTimeout time.Duration
@@ -128,8 +131,11 @@ func Mount(dir, cacheDir string, log hclog.Logger) (*FS, error) {
 	syscall.ForkLock.Lock()
 	server, err := fs.Mount(dir, root, &fs.Options{
 		EntryTimeout: &timeout, AttrTimeout: &timeout,
+		// One page of kernel read-ahead: the kernel would read around
+		// every fault whether or not the pages are used; lazyram reads
+		// ahead itself when a reader is sequential.
 		MountOptions: fuse.MountOptions{DirectMountStrict: true, FsName: "snowflock-lazyram", Name: "lazyram",
-			MaxReadAhead: 128 << 10},
+			MaxReadAhead: PageSize},
 	})
 	if err == nil {
 		err = closeOnExecFUSE()
@@ -190,7 +196,7 @@ func (f *FS) Add(s Snapshot) (string, error) {
 		return "", errors.New("lazyram: no page source")
 	}
 	if s.Readahead == 0 {
-		s.Readahead = 31
+		s.Readahead = 63
 	}
 	if s.FetchTimeout == 0 {
 		s.FetchTimeout = 60 * time.Second
@@ -273,7 +279,7 @@ func (f *FS) Fill(ctx context.Context, id string, batch, workers int) error {
 	for range workers {
 		go func() {
 			for first := range next {
-				if err := sf.ensure(ctx, first, min(first+uint64(batch), sf.pages)-1); err != nil {
+				if err := sf.ensure(ctx, first, min(first+uint64(batch), sf.pages)-1, 0); err != nil {
 					cancel()
 					errs <- err
 					return
@@ -378,7 +384,35 @@ func (sf *snapFile) hasData(p uint64) bool { return sf.snap.HasData == nil || sf
 // maps it privately) and keeps the page cache across opens: the content of
 // a snapshot never changes.
 func (sf *snapFile) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return nil, fuse.FOPEN_KEEP_CACHE, 0
+	return &reader{}, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// reader is one open of a snapshot file (one clone's QEMU): where its last
+// read ended, to tell a sequential reader from scattered faults.
+type reader struct {
+	mu     sync.Mutex
+	read   bool   // it has read before
+	next   uint64 // page after its last read
+	streak int    // reads in a row that continued the one before
+}
+
+// ahead returns how many pages to read ahead of a read of first..last.
+func (r *reader) ahead(first, last uint64, max int) int {
+	if r == nil || max <= 0 {
+		return 0
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.read && first >= r.next && first <= r.next+2 {
+		r.streak++
+	} else {
+		r.streak = 0
+	}
+	r.read, r.next = true, last+1
+	if r.streak == 0 {
+		return 0
+	}
+	return min(max, 4<<min(r.streak, 16))
 }
 
 func (sf *snapFile) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -412,7 +446,8 @@ func (sf *snapFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 		size = sf.snap.Size - off
 	}
 	first, last := uint64(off/PageSize), uint64((off+size-1)/PageSize)
-	if err := sf.ensure(ctx, first, last); err != nil {
+	r, _ := f.(*reader)
+	if err := sf.ensure(ctx, first, last, r.ahead(first, last, sf.snap.Readahead)); err != nil {
 		sf.log.Error("page fetch failed: the clone reading it will fail", "pages", fmt.Sprintf("%d-%d", first, last), "error", err)
 		return nil, syscall.EIO
 	}
@@ -425,9 +460,9 @@ func (sf *snapFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 }
 
 // ensure makes pages first..last present, fetching the missing data pages
-// and a read-ahead window in one batch, and waiting for pages that other
-// reads are already fetching.
-func (sf *snapFile) ensure(ctx context.Context, first, last uint64) error {
+// and up to readahead further pages in one batch, and waiting for pages
+// that other reads are already fetching.
+func (sf *snapFile) ensure(ctx context.Context, first, last uint64, readahead int) error {
 	sf.mu.Lock()
 	if sf.closed {
 		sf.mu.Unlock()
@@ -437,7 +472,7 @@ func (sf *snapFile) ensure(ctx context.Context, first, last uint64) error {
 	var wait []chan struct{}
 	var zero uint64
 	ahead := 0
-	for p := first; p < sf.pages && (p <= last || ahead < sf.snap.Readahead); p++ {
+	for p := first; p < sf.pages && (p <= last || ahead < readahead); p++ {
 		if p > last {
 			ahead++
 		}

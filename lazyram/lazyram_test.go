@@ -350,3 +350,41 @@ func TestChildrenDoNotInheritTheConnection(t *testing.T) {
 		t.Fatalf("a child inherited /dev/fuse:\n%s", out)
 	}
 }
+
+// TestReaderWindow: scattered reads get no read-ahead; a reader that keeps
+// continuing where it stopped gets a window that doubles up to the maximum.
+func TestReaderWindow(t *testing.T) {
+	type read struct {
+		first, last uint64
+		want        int
+	}
+	for _, tc := range []struct {
+		name  string
+		max   int
+		reads []read
+	}{
+		{"scattered", 63, []read{{100, 100, 0}, {7, 7, 0}, {5000, 5000, 0}, {100, 100, 0}}},
+		{"sequential", 63, []read{{10, 10, 0}, {11, 11, 8}, {12, 12, 16}, {13, 13, 32}, {14, 14, 63}, {15, 15, 63}}},
+		{"small gaps keep the streak", 63, []read{{10, 10, 0}, {13, 13, 8}, {14, 20, 16}}},
+		{"a jump resets it", 63, []read{{10, 10, 0}, {11, 11, 8}, {500, 500, 0}, {501, 501, 8}}},
+		{"disabled", -1, []read{{10, 10, 0}, {11, 11, 0}, {12, 12, 0}}},
+		{"long streak does not overflow", 1 << 20, func() []read {
+			rs := []read{{0, 0, 0}}
+			for p := uint64(1); p < 100; p++ {
+				rs = append(rs, read{p, p, min(1<<20, 4<<min(int(p), 16))})
+			}
+			return rs
+		}()},
+	} {
+		r := &reader{}
+		for i, rd := range tc.reads {
+			if got := r.ahead(rd.first, rd.last, tc.max); got != rd.want {
+				t.Errorf("%s: read %d (%d-%d): ahead %d, want %d", tc.name, i, rd.first, rd.last, got, rd.want)
+			}
+		}
+	}
+	var none *reader
+	if none.ahead(1, 1, 63) != 0 {
+		t.Error("a nil reader (Fill) read ahead")
+	}
+}

@@ -155,7 +155,18 @@ func start(ctx context.Context, cfg Config, log hclog.Logger, accel Accel, args 
 	}
 	defer logFile.Close()
 
-	cmd := exec.Command(cfg.Binary, args...)
+	argv := append([]string{cfg.Binary}, args...)
+	if mem.private && noTHPSupported {
+		// A clone on a lazily filled file: see nothp_linux_amd64.go.
+		bin, err := exec.LookPath(cfg.Binary)
+		if err != nil {
+			return nil, fmt.Errorf("qemuctl: %w", err)
+		}
+		if argv, err = noTHPCommand(bin, args); err != nil {
+			return nil, fmt.Errorf("qemuctl: %w", err)
+		}
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = cfg.RunDir
 	cmd.Stdout = logFile // *os.File: no copying goroutines
 	cmd.Stderr = logFile
