@@ -38,6 +38,12 @@ type Coordinator interface {
 	CreateClones(ctx context.Context, ticket, checkpoint, caller uint64) (fsm.TicketView, error)
 }
 
+// Pauser stops and restarts a VM's vCPUs.
+type Pauser interface {
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+}
+
 // Capturer serves the calls that capture the VM: clone and checkpoint.
 // call is the request ID of the guest's call, which a clone's host answers
 // in the clone; inflight are the guest's other calls in flight.
@@ -77,6 +83,10 @@ type GuestChannel struct {
 	Log      hclog.Logger
 	// OnReady is called when the guest reports ready (optional).
 	OnReady func()
+	// Pauser, if set, stops the VM's vCPUs while its exit is recorded: a
+	// clone that has exited must not fault on its parent's memory any more,
+	// which may be released as soon as the cluster knows.
+	Pauser Pauser
 
 	mu       sync.Mutex
 	stats    ChannelStats
@@ -296,7 +306,24 @@ func (g *GuestChannel) handle(ctx context.Context, req *guestchan.Request) *gues
 		if len(a.Result) > fsm.MaxResult {
 			return guestchan.Fail(req.ID, "invalid", "result is %d bytes, at most %d", len(a.Result), fsm.MaxResult)
 		}
+		paused := false
+		if g.Pauser != nil {
+			if err := g.Pauser.Pause(ctx); err != nil {
+				g.Log.Warn("could not pause the VM for its exit", "vm", g.VMID, "error", err)
+			} else {
+				paused = true
+			}
+		}
 		_, err := g.Coord.SetCloneState(ctx, g.VMID, api.CloneStateRequest{State: fsm.CloneExited, Status: a.Status, Result: a.Result})
+		if err != nil && paused {
+			// Not a clone, or the cluster is unreachable: the guest must
+			// run to read why.
+			if rerr := g.Pauser.Resume(context.WithoutCancel(ctx)); rerr != nil {
+				g.Log.Warn("could not resume the VM after a failed exit", "vm", g.VMID, "error", rerr)
+			}
+		}
+		// After a recorded exit the VM stays paused until its host
+		// destroys it; the guest never reads this answer.
 		return answer(struct{}{}, err)
 	case guestchan.CallClone:
 		var a guestchan.TicketRef

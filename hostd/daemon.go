@@ -392,6 +392,9 @@ func (d *Daemon) adopt(id uint64, run RunningVM, spec VMSpec, start time.Time, s
 			d.mu.Unlock()
 			log.Info("guest ready", "boot_ms", ms)
 		}}
+	if p, ok := run.(Pauser); ok && src != nil {
+		lv.channel.Pauser = p
+	}
 	d.mu.Lock()
 	d.vms[id] = lv
 	d.consoles[id] = run.ConsolePath()

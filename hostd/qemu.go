@@ -161,6 +161,8 @@ func (v *qemuVM) GuestChannel(ctx context.Context) (io.ReadWriteCloser, error) {
 	return d.DialContext(ctx, "unix", v.vm.GuestSocketPath())
 }
 
+func (v *qemuVM) Pause(ctx context.Context) error   { return v.vm.Pause(ctx) }
+func (v *qemuVM) Resume(ctx context.Context) error  { return v.vm.Resume(ctx) }
 func (v *qemuVM) ConsolePath() string               { return v.vm.ConsolePath() }
 func (v *qemuVM) Done() <-chan struct{}             { return v.vm.Wait() }
 func (v *qemuVM) Destroy(ctx context.Context) error { return v.vm.Destroy(ctx) }

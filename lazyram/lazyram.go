@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -62,7 +63,8 @@ type Snapshot struct {
 	HasData func(page uint64) bool
 	Source  PageSource
 	// Readahead is the most further pages fetched along with a miss
-	// (default 63; negative: none). A reader's window starts at nothing
+	// (default 255; negative: none). They are also pushed into the
+	// kernel's page cache, so the reader's next faults need no request. A reader's window starts at nothing
 	// and doubles from 8 pages while its reads continue where the last one
 	// ended, so scattered faults (a resumed guest) fetch only what they
 	// touch and a sequential scan costs one round trip per window.
@@ -196,7 +198,7 @@ func (f *FS) Add(s Snapshot) (string, error) {
 		return "", errors.New("lazyram: no page source")
 	}
 	if s.Readahead == 0 {
-		s.Readahead = 63
+		s.Readahead = 255
 	}
 	if s.FetchTimeout == 0 {
 		s.FetchTimeout = 60 * time.Second
@@ -357,6 +359,7 @@ type snapFile struct {
 	inflight map[uint64]chan struct{} // pages being fetched, closed when stored
 	stats    Stats
 	closed   bool
+	pushes   sync.WaitGroup // page cache pushes in flight
 }
 
 var (
@@ -369,11 +372,14 @@ var (
 
 func (sf *snapFile) close() {
 	sf.mu.Lock()
-	defer sf.mu.Unlock()
-	if !sf.closed {
-		sf.closed = true
-		sf.backing.Close()
+	if sf.closed {
+		sf.mu.Unlock()
+		return
 	}
+	sf.closed = true
+	sf.mu.Unlock()
+	sf.pushes.Wait() // they read the backing file
+	sf.backing.Close()
 }
 
 func (sf *snapFile) isPresent(p uint64) bool { return sf.present[p/64]&(1<<(p%64)) != 0 }
@@ -497,6 +503,9 @@ func (sf *snapFile) ensure(ctx context.Context, first, last uint64, readahead in
 	var err error
 	if len(want) > 0 {
 		err = sf.fetch(ctx, want)
+		if err == nil && readahead > 0 {
+			sf.push(last+1, min(last+1+uint64(readahead), sf.pages))
+		}
 	}
 	for _, ch := range wait {
 		select {
@@ -547,6 +556,44 @@ func (sf *snapFile) fetch(ctx context.Context, want []uint64) error {
 	}
 	sf.mu.Unlock()
 	return err
+}
+
+// push stores the pages lo..hi-1 that are held locally into the kernel's
+// page cache of the file (FUSE_NOTIFY_STORE), so that a sequential reader's
+// next faults are served by the kernel without a FUSE request each. It
+// runs in the background: a read of those pages may hold their page locks
+// while it waits for the fetch that just ended.
+func (sf *snapFile) push(lo, hi uint64) {
+	sf.mu.Lock()
+	if sf.closed {
+		sf.mu.Unlock()
+		return
+	}
+	var runs [][2]uint64
+	for p := lo; p < hi; p++ {
+		if !sf.isPresent(p) && sf.hasData(p) {
+			continue // not here: the kernel will ask for it
+		}
+		if n := len(runs); n > 0 && runs[n-1][1] == p {
+			runs[n-1][1] = p + 1
+		} else {
+			runs = append(runs, [2]uint64{p, p + 1})
+		}
+	}
+	sf.pushes.Add(1)
+	sf.mu.Unlock()
+	go func() {
+		defer sf.pushes.Done()
+		for _, r := range runs {
+			buf := make([]byte, (r[1]-r[0])*PageSize)
+			if _, err := sf.backing.ReadAt(buf, int64(r[0])*PageSize); err != nil && !errors.Is(err, io.EOF) {
+				return
+			}
+			if errno := sf.WriteCache(int64(r[0])*PageSize, buf); errno != 0 {
+				return // not cached by the kernel (yet), or unmounting: the reads will come
+			}
+		}
+	}()
 }
 
 // check verifies that a source answered exactly the pages asked, in order.
