@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,26 +22,11 @@ var binDir string
 const token = "e2e-token"
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "sf-e2e-")
+	dir, err := cluster.Prepare()
 	if err != nil {
 		panic(err)
 	}
-	for _, c := range []string{"sfcoord", "sfhostd", "sfguest"} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, c), "../cmd/"+c)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			os.RemoveAll(dir)
-			panic("build " + c + ": " + err.Error() + "\n" + string(out))
-		}
-	}
 	binDir = dir
-	if _, err := exec.LookPath("qemu-system-x86_64"); err == nil {
-		img := exec.Command(filepath.Join(dir, "sfhostd"), "image", "build", "--sfguest", filepath.Join(dir, "sfguest"))
-		if out, err := img.CombinedOutput(); err != nil {
-			os.RemoveAll(dir)
-			panic("sfhostd image build: " + err.Error() + "\n" + string(out))
-		}
-	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -169,20 +152,7 @@ func (b *bed) host(id string) *cluster.Host {
 }
 
 // hostGet reads a host API path.
-func (b *bed) hostGet(h *cluster.Host, path string) (string, error) {
-	req, _ := http.NewRequestWithContext(b.ctx, http.MethodGet, "http://"+h.APIAddr+path, nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s: %s", resp.Status, body)
-	}
-	return string(body), err
-}
+func (b *bed) hostGet(h *cluster.Host, path string) (string, error) { return h.Get(b.ctx, path, token) }
 
 func (b *bed) console(vm fsm.VM) string {
 	s, err := b.hostGet(b.host(vm.Host), fmt.Sprintf("/v1/vms/%d/console", vm.ID))

@@ -315,9 +315,10 @@ func (g *GuestChannel) handle(ctx context.Context, req *guestchan.Request) *gues
 			}
 		}
 		_, err := g.Coord.SetCloneState(ctx, g.VMID, api.CloneStateRequest{State: fsm.CloneExited, Status: a.Status, Result: a.Result})
-		if err != nil && paused {
+		if err != nil && paused && ctx.Err() == nil {
 			// Not a clone, or the cluster is unreachable: the guest must
-			// run to read why.
+			// run to read why. (A cancelled call means the channel is
+			// closing: the exit was recorded and the VM is being destroyed.)
 			if rerr := g.Pauser.Resume(context.WithoutCancel(ctx)); rerr != nil {
 				g.Log.Warn("could not resume the VM after a failed exit", "vm", g.VMID, "error", rerr)
 			}

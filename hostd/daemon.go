@@ -477,31 +477,12 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 	d.stopOnce.Do(func() {
 		close(d.stop)
 		d.cancelStop()
-		d.mu.Lock()
-		ids := make([]uint64, 0, len(d.vms))
-		for id := range d.vms {
-			ids = append(ids, id)
-		}
-		d.mu.Unlock()
-		for _, id := range ids {
-			d.destroy(id, "host daemon shutting down")
-			d.endVM(id, "host "+d.cfg.NodeID+" shut down")
-		}
+		d.destroyAll()
 		_ = d.gossip.Leave(2 * time.Second)
 		_ = d.gossip.Shutdown()
 		_ = d.http.Shutdown(ctx)
 		d.wg.Wait()
-		// Clones whose restore finished during the first round.
-		d.mu.Lock()
-		ids = ids[:0]
-		for id := range d.vms {
-			ids = append(ids, id)
-		}
-		d.mu.Unlock()
-		for _, id := range ids {
-			d.destroy(id, "host daemon shutting down")
-			d.endVM(id, "host "+d.cfg.NodeID+" shut down")
-		}
+		d.destroyAll() // clones whose restore finished meanwhile
 		// Every VM is gone: nothing maps a clone's RAM file or faults on a
 		// snapshot any more.
 		d.mu.Lock()
@@ -539,6 +520,20 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 		}
 	})
 	return nil
+}
+
+// destroyAll destroys every VM of this host and reports it ended.
+func (d *Daemon) destroyAll() {
+	d.mu.Lock()
+	ids := make([]uint64, 0, len(d.vms))
+	for id := range d.vms {
+		ids = append(ids, id)
+	}
+	d.mu.Unlock()
+	for _, id := range ids {
+		d.destroy(id, "host daemon shutting down")
+		d.endVM(id, "host "+d.cfg.NodeID+" shut down")
+	}
 }
 
 // VMStatus is one VM in the host API.

@@ -15,7 +15,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -272,24 +271,9 @@ func (d *demo) tickets(ctx context.Context, c *api.Client) error {
 // console fetches a VM's console from its host, as sfcoord vm logs does.
 func (d *demo) console(ctx context.Context, host string, id uint64, token string) (string, error) {
 	for _, h := range d.hosts {
-		if h.ID != host {
-			continue
+		if h.ID == host {
+			return h.Get(ctx, fmt.Sprintf("/v1/vms/%d/console", id), token)
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://%s/v1/vms/%d/console", h.APIAddr, id), nil)
-		if err != nil {
-			return "", err
-		}
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return "", err
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		if resp.StatusCode != http.StatusOK {
-			return "", fmt.Errorf("console of vm %d: %s %s", id, resp.Status, b)
-		}
-		return string(b), err
 	}
 	return "", fmt.Errorf("no host %s", host)
 }

@@ -22,28 +22,11 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "sfhostd-test-")
+	dir, err := cluster.Prepare()
 	if err != nil {
 		panic(err)
 	}
-	for _, c := range []string{"sfcoord", "sfhostd", "sfguest"} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, c), "../"+c)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			os.RemoveAll(dir)
-			panic("build " + c + ": " + err.Error() + "\n" + string(out))
-		}
-	}
 	binDir = dir
-	// Build the guest image once, before any daemon starts: each daemon then
-	// finds it cached, and a build failure shows here with its output.
-	if _, err := exec.LookPath("qemu-system-x86_64"); err == nil {
-		img := exec.Command(filepath.Join(dir, "sfhostd"), "image", "build", "--sfguest", filepath.Join(dir, "sfguest"))
-		if out, err := img.CombinedOutput(); err != nil {
-			os.RemoveAll(dir)
-			panic("sfhostd image build: " + err.Error() + "\n" + string(out))
-		}
-	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

@@ -1,7 +1,10 @@
 package cluster
 
 import (
+	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -116,4 +119,25 @@ func (c *Cluster) StopHost(h *Host) {
 	}
 	_ = h.cmd.Process.Signal(syscall.SIGTERM)
 	<-h.exited
+}
+
+// Get reads a path of the host's API (with the bearer token, if any).
+func (h *Host) Get(ctx context.Context, path, token string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+h.APIAddr+path, nil)
+	if err != nil {
+		return "", err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s %s: %s %s", h.ID, path, resp.Status, b)
+	}
+	return string(b), err
 }
