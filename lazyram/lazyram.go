@@ -359,7 +359,7 @@ type snapFile struct {
 	inflight map[uint64]chan struct{} // pages being fetched, closed when stored
 	stats    Stats
 	closed   bool
-	pushes   sync.WaitGroup // page cache pushes in flight
+	users    sync.WaitGroup // reads and page cache pushes using backing
 }
 
 var (
@@ -378,7 +378,7 @@ func (sf *snapFile) close() {
 	}
 	sf.closed = true
 	sf.mu.Unlock()
-	sf.pushes.Wait() // they read the backing file
+	sf.users.Wait() // reads and pushes use the backing file
 	sf.backing.Close()
 }
 
@@ -451,6 +451,10 @@ func (sf *snapFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 	if off+size > sf.snap.Size {
 		size = sf.snap.Size - off
 	}
+	if !sf.use() {
+		return nil, syscall.EIO // removed
+	}
+	defer sf.users.Done()
 	first, last := uint64(off/PageSize), uint64((off+size-1)/PageSize)
 	r, _ := f.(*reader)
 	if err := sf.ensure(ctx, first, last, r.ahead(first, last, sf.snap.Readahead)); err != nil {
@@ -461,8 +465,26 @@ func (sf *snapFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 	sf.stats.Reads++
 	sf.mu.Unlock()
 	// Every page of the range is now in the backing file, or a hole there
-	// (a zero page): let the kernel splice it straight from the file.
-	return fuse.ReadResultFd(sf.backing.Fd(), off, int(size)), 0
+	// (a zero page). Copy it out while the file is certainly open: Remove
+	// may close it as soon as this returns.
+	n, err := sf.backing.ReadAt(dest[:size], off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		sf.log.Error("reading the page cache file", "error", err)
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+// use registers a user of the backing file unless the snapshot is closed;
+// the user calls users.Done.
+func (sf *snapFile) use() bool {
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	if sf.closed {
+		return false
+	}
+	sf.users.Add(1)
+	return true
 }
 
 // ensure makes pages first..last present, fetching the missing data pages
@@ -580,10 +602,10 @@ func (sf *snapFile) push(lo, hi uint64) {
 			runs = append(runs, [2]uint64{p, p + 1})
 		}
 	}
-	sf.pushes.Add(1)
+	sf.users.Add(1)
 	sf.mu.Unlock()
 	go func() {
-		defer sf.pushes.Done()
+		defer sf.users.Done()
 		for _, r := range runs {
 			buf := make([]byte, (r[1]-r[0])*PageSize)
 			if _, err := sf.backing.ReadAt(buf, int64(r[0])*PageSize); err != nil && !errors.Is(err, io.EOF) {
