@@ -293,6 +293,11 @@ fi`)
 		t.Errorf("join took %v after the host died; detection is about a second", took)
 	}
 	b.waitFor(30*time.Second, "the parent's join output", func() bool { return lineRE("PARENT-DONE").MatchString(b.console(vm)) })
+	// Restarted, the host reaps what its killed run left (and cleans up
+	// when the test stops it).
+	if err := b.c.RestartHost(filepath.Join(binDir, "sfhostd"), b.host("h3"), b.args[2]...); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestParentHostKilled: the parent's host dies with kill -9 while clones

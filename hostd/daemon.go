@@ -193,6 +193,7 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 	if err := hv.Reap(); err != nil {
 		cfg.Logger.Warn("reaping leftovers of an earlier run", "error", err)
 	}
+	(&Daemon{cfg: cfg}).removeStalePages(false)
 	coord, err := api.NewClient(api.Config{Addrs: cfg.Coordinators, Token: cfg.Token})
 	if err != nil {
 		return nil, err
@@ -506,10 +507,8 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 			if err := d.lazy.Unmount(); err != nil {
 				d.log.Warn("unmounting lazyram", "error", err)
 			}
-			if d.cfg.PageCacheDir != "" {
-				_ = os.Remove(d.cfg.PageCacheDir) // if empty
-			}
 		}
+		d.removeStalePages(true)
 		if d.ms != nil {
 			_ = d.ms.Close()
 		}

@@ -244,21 +244,33 @@ func (d *Daemon) lazyFS() (*lazyram.FS, error) {
 	dir := filepath.Join(d.cfg.DataDir, "lazyram")
 	// A daemon killed with its mount leaves it dangling.
 	_ = unix.Unmount(dir, unix.MNT_DETACH)
-	cache := d.cfg.PageCacheDir
-	if cache == "" {
-		cache = filepath.Join(d.cfg.DataDir, "pagecache")
-	}
-	// Pages an earlier run fetched belong to descriptors nothing maps now.
-	stale, _ := filepath.Glob(filepath.Join(cache, "desc-*.pages"))
-	for _, f := range stale {
-		_ = os.Remove(f)
-	}
-	lz, err := lazyram.Mount(dir, cache, d.log.Named("lazyram"))
+	lz, err := lazyram.Mount(dir, d.pageCacheDir(), d.log.Named("lazyram"))
 	if err != nil {
 		return nil, err
 	}
 	d.lazy = lz
 	return lz, nil
+}
+
+func (d *Daemon) pageCacheDir() string {
+	if d.cfg.PageCacheDir != "" {
+		return d.cfg.PageCacheDir
+	}
+	return filepath.Join(d.cfg.DataDir, "pagecache")
+}
+
+// removeStalePages deletes pages an earlier run fetched: they belong to
+// descriptors nothing maps now. With gone, it removes the directory too
+// if it is empty.
+func (d *Daemon) removeStalePages(gone bool) {
+	dir := d.pageCacheDir()
+	stale, _ := filepath.Glob(filepath.Join(dir, "desc-*.pages"))
+	for _, f := range stale {
+		_ = os.Remove(f)
+	}
+	if gone {
+		_ = os.Remove(dir) // only if empty
+	}
 }
 
 // restoreClone starts clone k of a ticket on this host from the ticket's
