@@ -297,3 +297,32 @@ func httpGet(url string) (string, error) {
 	b, err := io.ReadAll(resp.Body)
 	return string(b), err
 }
+
+// TestCloneCallsTheAPI: a clone may call the API as a parent of its own
+// tickets (request_ticket, tickets, kill); capturing a QEMU clone is not
+// supported yet and says so.
+func TestCloneCallsTheAPI(t *testing.T) {
+	b := newBed(t, 1)
+	vm, console := b.runVM(`T=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
+K=$(sfguest clone $T)
+if [ "$K" = 0 ]; then sfguest join $T; echo PARENT-DONE; exit 0; fi
+U=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
+MSG=$(sfguest clone $U 2>&1)
+sfguest kill $U >/dev/null
+sfguest exit --result "ticket=$U clone: $MSG"`, 256, 3*time.Minute)
+	if !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
+		t.Fatalf("parent console:\n%s", console)
+	}
+	ts, _, _ := b.c.Tickets(context.Background(), vm.ID, nil)
+	tv, _, _ := b.c.Ticket(context.Background(), ts[0].ID, nil)
+	cl := tv.Clones[0]
+	if cl.State != fsm.CloneExited || !strings.Contains(cl.Result, "only parent VMs can clone") {
+		t.Fatalf("clone: %+v", cl)
+	}
+	var own uint64
+	fmt.Sscanf(cl.Result, "ticket=%d", &own)
+	ot, _, err := b.c.Ticket(context.Background(), own, nil)
+	if err != nil || ot.ParentVM != cl.VMID || ot.State != fsm.TicketKilled {
+		t.Fatalf("the clone's own ticket %d: %+v %v", own, ot, err)
+	}
+}
