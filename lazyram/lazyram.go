@@ -73,6 +73,9 @@ type Snapshot struct {
 	FetchTimeout time.Duration
 }
 
+// MaxFetchSamples bounds the fetch durations a snapshot keeps.
+const MaxFetchSamples = 1 << 16
+
 // Stats count what a snapshot's file served.
 type Stats struct {
 	Reads        uint64 // FUSE reads
@@ -81,7 +84,8 @@ type Stats struct {
 	ZeroPages    uint64 // pages answered as zeros without a fetch
 	Inserted     uint64 // pages pushed in with Insert
 	Errors       uint64
-	// FetchMicros are the durations of PageSource calls (a fault's wait).
+	// FetchMicros are the durations of PageSource calls (a fault's wait):
+	// the last MaxFetchSamples of them, in no particular order.
 	FetchMicros []int64
 }
 
@@ -564,7 +568,11 @@ func (sf *snapFile) fetch(ctx context.Context, want []uint64) error {
 	}
 	sf.mu.Lock()
 	sf.stats.Fetches++
-	sf.stats.FetchMicros = append(sf.stats.FetchMicros, took.Microseconds())
+	if len(sf.stats.FetchMicros) < MaxFetchSamples {
+		sf.stats.FetchMicros = append(sf.stats.FetchMicros, took.Microseconds())
+	} else {
+		sf.stats.FetchMicros[sf.stats.Fetches%MaxFetchSamples] = took.Microseconds()
+	}
 	if err != nil {
 		sf.stats.Errors++
 	} else {
