@@ -4,7 +4,7 @@ GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 BIN := bin
 FUZZTIME ?= 30s
 
-.PHONY: all build test vet fmt-check demo bench bench-coord bench-boot bench-clone fuzz clean
+.PHONY: all build test vet fmt-check demo bench bench-coord bench-boot bench-clone bench-mcast fuzz clean
 
 all: build
 
@@ -28,7 +28,7 @@ test: fmt-check vet
 demo: build
 	$(BIN)/sfdemo
 
-bench: bench-coord bench-boot bench-clone
+bench: bench-coord bench-boot bench-clone bench-mcast
 
 bench-coord:
 	$(GO) run ./bench/coord -out bench/results/coord.json
@@ -40,6 +40,11 @@ bench-boot: build
 # (needs root and /dev/fuse); about 10 minutes under TCG.
 bench-clone: build
 	$(GO) run ./bench/clone -bin $(BIN) -out bench/results/clone.json
+
+# Acknowledged multicast vs N parallel TCP transfers: 256 MiB to N = 1, 2,
+# 4, 8 members in a test bed of network namespaces (needs root).
+bench-mcast:
+	$(GO) run ./bench/mcast -out bench/results/mcast.json
 
 # Runs every fuzz target for FUZZTIME each.
 fuzz:

@@ -4,7 +4,9 @@
 // holds the subnet's first address, so processes in the root namespace
 // (coordinators, the test itself) reach every host, and hosts reach each
 // other. No namespace gets a default route: traffic stays on the bed's own
-// subnet. Close removes everything; Sweep removes what a crashed run left.
+// subnet. The bridge floods multicast to every port (no IGMP snooping), and
+// Do creates sockets inside a host's namespace from this process. Close
+// removes everything; Sweep removes what a crashed run left.
 // Creating namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN).
 package testbed
 
@@ -17,7 +19,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Prefix starts the name of every namespace and link a bed creates.
@@ -115,6 +120,11 @@ func New(ctx context.Context, n int) (b *Bed, err error) {
 	if err := ip(ctx, "addr", "add", b.BridgeIP+"/24", "dev", b.Bridge); err != nil {
 		return nil, err
 	}
+	// Flood multicast to every port rather than depend on IGMP snooping,
+	// which needs a querier this bridge does not have.
+	if err := ip(ctx, "link", "set", "dev", b.Bridge, "type", "bridge", "mcast_snooping", "0"); err != nil {
+		return nil, err
+	}
 	if err := ip(ctx, "link", "set", b.Bridge, "up"); err != nil {
 		return nil, err
 	}
@@ -197,4 +207,43 @@ func Sweep(ctx context.Context, prefix string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Do runs fn on a thread inside host i's network namespace, for creating
+// sockets there: a socket stays in the namespace it was created in, so the
+// caller may use it from any goroutine afterwards. The thread is fresh and
+// locked, and dies with its goroutine if it cannot return to the original
+// namespace. Its signature fits mcast.ReceiverConfig.Listen (see In).
+func (b *Bed) Do(i int, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		target, err := os.Open("/run/netns/" + b.Hosts[i].Name)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("testbed: setns %s: %w", b.Hosts[i].Name, err)
+			return
+		}
+		err = fn()
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+// In returns Do bound to host i.
+func (b *Bed) In(i int) func(func() error) error {
+	return func(fn func() error) error { return b.Do(i, fn) }
 }
