@@ -193,7 +193,7 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 	if err := hv.Reap(); err != nil {
 		cfg.Logger.Warn("reaping leftovers of an earlier run", "error", err)
 	}
-	(&Daemon{cfg: cfg}).removeStalePages(false)
+	removeStalePages(cfg.pageCacheDir(), false)
 	coord, err := api.NewClient(api.Config{Addrs: cfg.Coordinators, Token: cfg.Token})
 	if err != nil {
 		return nil, err
@@ -508,7 +508,7 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 				d.log.Warn("unmounting lazyram", "error", err)
 			}
 		}
-		d.removeStalePages(true)
+		removeStalePages(d.cfg.pageCacheDir(), true)
 		if d.ms != nil {
 			_ = d.ms.Close()
 		}

@@ -244,7 +244,7 @@ func (d *Daemon) lazyFS() (*lazyram.FS, error) {
 	dir := filepath.Join(d.cfg.DataDir, "lazyram")
 	// A daemon killed with its mount leaves it dangling.
 	_ = unix.Unmount(dir, unix.MNT_DETACH)
-	lz, err := lazyram.Mount(dir, d.pageCacheDir(), d.log.Named("lazyram"))
+	lz, err := lazyram.Mount(dir, d.cfg.pageCacheDir(), d.log.Named("lazyram"))
 	if err != nil {
 		return nil, err
 	}
@@ -252,18 +252,17 @@ func (d *Daemon) lazyFS() (*lazyram.FS, error) {
 	return lz, nil
 }
 
-func (d *Daemon) pageCacheDir() string {
-	if d.cfg.PageCacheDir != "" {
-		return d.cfg.PageCacheDir
+func (c Config) pageCacheDir() string {
+	if c.PageCacheDir != "" {
+		return c.PageCacheDir
 	}
-	return filepath.Join(d.cfg.DataDir, "pagecache")
+	return filepath.Join(c.DataDir, "pagecache")
 }
 
-// removeStalePages deletes pages an earlier run fetched: they belong to
-// descriptors nothing maps now. With gone, it removes the directory too
-// if it is empty.
-func (d *Daemon) removeStalePages(gone bool) {
-	dir := d.pageCacheDir()
+// removeStalePages deletes the pages in dir that an earlier run fetched:
+// they belong to descriptors nothing maps now. With gone, it removes the
+// directory too if it is empty.
+func removeStalePages(dir string, gone bool) {
 	stale, _ := filepath.Glob(filepath.Join(dir, "desc-*.pages"))
 	for _, f := range stale {
 		_ = os.Remove(f)
