@@ -28,7 +28,14 @@
 // on completion. The sender repairs a NAKed fragment by multicast once per
 // RepairHoldoff, however many members ask: N members missing the same
 // fragment cost one repair (suppression at the sender, as feedback is
-// unicast). Polls every PollInterval recover lost tails and lost statuses.
+// unicast). With FEC (SenderConfig.BlockSize, 64 by default) fragments
+// form blocks of K; a member NAKs a block by how many parity symbols it
+// needs (the fragments it misses there, less the symbols it holds), and
+// the sender answers with new Reed-Solomon parity packets over GF(2^8)
+// (fec.go), sealed like data: any m of them recover any m missing
+// fragments of the block, so one parity packet repairs a different loss
+// at every member and a block costs the most that one member misses, as
+// in NORM. Polls every PollInterval recover lost tails and lost statuses.
 // A member that is behind and whose ACK has not moved for StallTimeout
 // (stopped, killed, or not reading) is evicted: it is named in every later
 // poll, heartbeat and bye, and its Receive returns ErrEvicted, which tells
@@ -53,6 +60,6 @@
 //
 // Wire format: see packet.go. Tests inject seeded loss in every receive
 // path (ReceiverConfig.LossRate, SenderConfig.LossRate). Not done: rate
-// adaptation beyond the ACK window (the window is fixed), forward error
-// correction, IPv6, and re-admitting an evicted member.
+// adaptation beyond the ACK window (the window is fixed), proactive
+// (unrequested) parity, IPv6, and re-admitting an evicted member.
 package mcast

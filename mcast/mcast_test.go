@@ -40,7 +40,7 @@ func TestTransfer(t *testing.T) {
 					}
 				}
 				st := rep.Stats
-				if loss > 0 && st.RepairPackets == 0 {
+				if loss > 0 && st.RepairPackets+st.ParityPackets == 0 {
 					t.Errorf("no repairs with %v loss: %+v", loss, st)
 				}
 				if loss == 0 && st.RepairPackets > st.DataPackets/100 {
@@ -50,9 +50,9 @@ func TestTransfer(t *testing.T) {
 				for _, r := range s.receivers {
 					injected += r.Stats().Drops.Injected
 				}
-				t.Logf("%v; data %d, repairs %d (%.2f%%), NAKs %d, suppressed %d, injected losses %d",
-					rep.Duration.Round(time.Millisecond), st.DataPackets, st.RepairPackets,
-					100*float64(st.RepairPackets)/float64(st.DataPackets), st.NAKs, st.SuppressedNAKs, injected)
+				t.Logf("%v; data %d, repairs %d + parity %d (%.2f%%), NAKs %d, suppressed %d, injected losses %d",
+					rep.Duration.Round(time.Millisecond), st.DataPackets, st.RepairPackets, st.ParityPackets,
+					100*float64(st.RepairPackets+st.ParityPackets)/float64(st.DataPackets), st.NAKs, st.SuppressedNAKs, injected)
 			})
 		}
 	}

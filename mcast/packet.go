@@ -11,7 +11,7 @@ import (
 //
 //	magic   2  "SM"
 //	version 1
-//	type    1  typeData, typePoll, typeBye (sender to group), typeStatus (member to sender)
+//	type    1  typeData, typePoll, typeBye, typeParity (sender to group), typeStatus (member to sender)
 //	session 8  the session ID
 //	origin  4  0 for the sender, a member's tag for a member
 //	salt    4  random per sending process: the first 4 bytes of the GCM nonce
@@ -21,20 +21,27 @@ import (
 
 const (
 	magic0, magic1 = 'S', 'M'
-	version        = 1
+	version        = 2 // 2: FEC (block size in data, parity packets, block NAKs)
 	headerLen      = 28
 	tagLen         = 16
 
 	typeData   = 1
 	typePoll   = 2
 	typeBye    = 3
+	typeParity = 4
 	typeStatus = 16
 
 	ipUDPOverhead = 28 // IPv4 header without options, UDP header
-	dataBodyLen   = 8 + 8 + 2 + 4 + 1
+	dataBodyLen   = 8 + 8 + 2 + 4 + 1 + 1
+	parityBodyLen = 8 + 8 + 2 + 1 + 4 + 1
 	pollFixedLen  = 8 + 8 + 2 + 4 + 2
-	statusFixLen  = 8 + 4 + 4 + 1 + 2
+	statusFixLen  = 8 + 4 + 4 + 1 + 2 // and the block list's count, after the ranges
 	rangeLen      = 8
+	blockNakLen   = 6
+
+	// maxBlockSize bounds the FEC block size K, so that a block has at
+	// least 128 parity symbols.
+	maxBlockSize = 128
 
 	flagRepair   = 1 // data: a retransmission
 	flagComplete = 1 // status: the member holds the whole object
@@ -84,7 +91,7 @@ func decodeHeader(b []byte) (header, error) {
 		seq:     binary.BigEndian.Uint64(b[20:]),
 	}
 	switch h.typ {
-	case typeData, typePoll, typeBye:
+	case typeData, typePoll, typeBye, typeParity:
 		if h.origin != 0 {
 			return header{}, malformed("type %d from origin %#x", h.typ, h.origin)
 		}
@@ -100,14 +107,18 @@ func decodeHeader(b []byte) (header, error) {
 
 // dataBody is one fragment of an object:
 //
-//	object 8, length 8 (the object's), fragSize 2, index 4, flags 1, payload
+//	object 8, length 8 (the object's), fragSize 2, index 4, flags 1, blockSize 1, payload
+//
+// blockSize is the FEC block size K of the object (0: no parity; the
+// members NAK fragments).
 type dataBody struct {
-	object   uint64
-	length   uint64
-	fragSize uint16
-	index    uint32
-	flags    byte
-	payload  []byte
+	object    uint64
+	length    uint64
+	fragSize  uint16
+	index     uint32
+	flags     byte
+	blockSize byte
+	payload   []byte
 }
 
 func appendData(b []byte, d dataBody) []byte {
@@ -115,7 +126,7 @@ func appendData(b []byte, d dataBody) []byte {
 	b = binary.BigEndian.AppendUint64(b, d.length)
 	b = binary.BigEndian.AppendUint16(b, d.fragSize)
 	b = binary.BigEndian.AppendUint32(b, d.index)
-	b = append(b, d.flags)
+	b = append(b, d.flags, d.blockSize)
 	return append(b, d.payload...)
 }
 
@@ -126,15 +137,19 @@ func decodeData(b []byte) (dataBody, error) {
 		return dataBody{}, malformed("data body of %d bytes", len(b))
 	}
 	d := dataBody{
-		object:   binary.BigEndian.Uint64(b),
-		length:   binary.BigEndian.Uint64(b[8:]),
-		fragSize: binary.BigEndian.Uint16(b[16:]),
-		index:    binary.BigEndian.Uint32(b[18:]),
-		flags:    b[22],
-		payload:  b[dataBodyLen:],
+		object:    binary.BigEndian.Uint64(b),
+		length:    binary.BigEndian.Uint64(b[8:]),
+		fragSize:  binary.BigEndian.Uint16(b[16:]),
+		index:     binary.BigEndian.Uint32(b[18:]),
+		flags:     b[22],
+		blockSize: b[23],
+		payload:   b[dataBodyLen:],
 	}
 	if err := checkGeometry(d.length, d.fragSize); err != nil {
 		return dataBody{}, err
+	}
+	if d.blockSize > maxBlockSize {
+		return dataBody{}, malformed("block size %d", d.blockSize)
 	}
 	n := fragments(d.length, d.fragSize)
 	if uint64(d.index) >= n {
@@ -144,6 +159,67 @@ func decodeData(b []byte) (dataBody, error) {
 		return dataBody{}, malformed("fragment %d has %d bytes, want %d", d.index, len(d.payload), want)
 	}
 	return d, nil
+}
+
+// parityBody is parity symbol index of FEC block block (fragments
+// block*K up to K of them) of an object:
+//
+//	object 8, length 8, fragSize 2, blockSize 1, block 4, index 1, payload
+//
+// The payload is as long as the block's first fragment.
+type parityBody struct {
+	object    uint64
+	length    uint64
+	fragSize  uint16
+	blockSize byte
+	block     uint32
+	index     byte
+	payload   []byte
+}
+
+func appendParity(b []byte, p parityBody) []byte {
+	b = binary.BigEndian.AppendUint64(b, p.object)
+	b = binary.BigEndian.AppendUint64(b, p.length)
+	b = binary.BigEndian.AppendUint16(b, p.fragSize)
+	b = append(b, p.blockSize)
+	b = binary.BigEndian.AppendUint32(b, p.block)
+	b = append(b, p.index)
+	return append(b, p.payload...)
+}
+
+// decodeParity decodes a parity body and checks the block, the index and
+// the payload's length. The payload aliases b.
+func decodeParity(b []byte) (parityBody, error) {
+	if len(b) < parityBodyLen {
+		return parityBody{}, malformed("parity body of %d bytes", len(b))
+	}
+	p := parityBody{
+		object:    binary.BigEndian.Uint64(b),
+		length:    binary.BigEndian.Uint64(b[8:]),
+		fragSize:  binary.BigEndian.Uint16(b[16:]),
+		blockSize: b[18],
+		block:     binary.BigEndian.Uint32(b[19:]),
+		index:     b[23],
+		payload:   b[parityBodyLen:],
+	}
+	if err := checkGeometry(p.length, p.fragSize); err != nil {
+		return parityBody{}, err
+	}
+	if p.blockSize == 0 || p.blockSize > maxBlockSize {
+		return parityBody{}, malformed("block size %d", p.blockSize)
+	}
+	n := fragments(p.length, p.fragSize)
+	first := uint64(p.block) * uint64(p.blockSize)
+	if first >= n {
+		return parityBody{}, malformed("block %d of %d fragments in blocks of %d", p.block, n, p.blockSize)
+	}
+	if int(p.index) >= maxParity(int(p.blockSize)) {
+		return parityBody{}, malformed("parity %d of blocks of %d", p.index, p.blockSize)
+	}
+	if want := fragLen(p.length, p.fragSize, uint32(first)); len(p.payload) != want {
+		return parityBody{}, malformed("parity of block %d has %d bytes, want %d", p.block, len(p.payload), want)
+	}
+	return p, nil
 }
 
 // checkGeometry checks an object's length and fragment size.
@@ -227,16 +303,26 @@ func decodePoll(b []byte) (pollBody, error) {
 // span is a run of missing fragments.
 type span struct{ start, count uint32 }
 
+// blockNak asks for parity symbols of FEC block block: need more than the
+// member holds, and it saw the symbols below seen pass (the highest index
+// it holds, plus one).
+type blockNak struct {
+	block      uint32
+	need, seen byte
+}
+
 // statusBody is a member's feedback: a positive ACK of everything below
-// contiguous and, for fragments it saw pass, selective NAKs:
+// contiguous and, for fragments it saw pass, selective NAKs, by fragment
+// (an object without FEC) or by FEC block:
 //
-//	object 8, contiguous 4, received 4, flags 1, n 2, n x (start 4, count 4)
+//	object 8, contiguous 4, received 4, flags 1, n 2, n x (start 4, count 4), nb 2, nb x (block 4, need 1, seen 1)
 type statusBody struct {
 	object     uint64
 	contiguous uint32 // every fragment below it is held
 	received   uint32 // fragments held
 	flags      byte
 	missing    []span
+	blocks     []blockNak
 }
 
 func appendStatus(b []byte, s statusBody) []byte {
@@ -248,6 +334,11 @@ func appendStatus(b []byte, s statusBody) []byte {
 	for _, r := range s.missing {
 		b = binary.BigEndian.AppendUint32(b, r.start)
 		b = binary.BigEndian.AppendUint32(b, r.count)
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s.blocks)))
+	for _, k := range s.blocks {
+		b = binary.BigEndian.AppendUint32(b, k.block)
+		b = append(b, k.need, k.seen)
 	}
 	return b
 }
@@ -263,8 +354,13 @@ func decodeStatus(b []byte) (statusBody, error) {
 		flags:      b[16],
 	}
 	n := int(binary.BigEndian.Uint16(b[17:]))
-	if len(b) != statusFixLen+rangeLen*n {
+	blocksAt := statusFixLen + rangeLen*n
+	if len(b) < blocksAt+2 {
 		return statusBody{}, malformed("status body of %d bytes with %d ranges", len(b), n)
+	}
+	nb := int(binary.BigEndian.Uint16(b[blocksAt:]))
+	if len(b) != blocksAt+2+blockNakLen*nb {
+		return statusBody{}, malformed("status body of %d bytes with %d ranges and %d blocks", len(b), n, nb)
 	}
 	if s.received < s.contiguous {
 		return statusBody{}, malformed("%d fragments received but %d contiguous", s.received, s.contiguous)
@@ -276,6 +372,14 @@ func decodeStatus(b []byte) (statusBody, error) {
 			return statusBody{}, malformed("missing range %d+%d", r.start, r.count)
 		}
 		s.missing = append(s.missing, r)
+	}
+	for i := range nb {
+		off := blocksAt + 2 + blockNakLen*i
+		k := blockNak{block: binary.BigEndian.Uint32(b[off:]), need: b[off+4], seen: b[off+5]}
+		if k.need == 0 {
+			return statusBody{}, malformed("block %d NAKed for no parity", k.block)
+		}
+		s.blocks = append(s.blocks, k)
 	}
 	return s, nil
 }

@@ -206,6 +206,7 @@ func FuzzDecodePoll(f *testing.F) {
 
 func FuzzDecodeStatus(f *testing.F) {
 	f.Add(appendStatus(nil, statusBody{object: 4, contiguous: 0, received: 2, missing: []span{{0, 1}, {5, 100}}}))
+	f.Add(appendStatus(nil, statusBody{object: 4, contiguous: 0, received: 2, blocks: []blockNak{{0, 1, 0}, {7, 3, 2}}}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		s, err := decodeStatus(b)
 		if err != nil {
@@ -213,6 +214,23 @@ func FuzzDecodeStatus(f *testing.F) {
 		}
 		if re := appendStatus(nil, s); !bytes.Equal(re, b) {
 			t.Fatalf("status %+v re-encodes differently", s)
+		}
+	})
+}
+
+func FuzzDecodeParity(f *testing.F) {
+	f.Add(appendParity(nil, parityBody{object: 1, length: 3000, fragSize: 1400, blockSize: 2, block: 1, index: 3, payload: make([]byte, 200)}))
+	f.Add(appendParity(nil, parityBody{length: 0, fragSize: 1, blockSize: 64}))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, err := decodeParity(b)
+		if err != nil {
+			return
+		}
+		if re := appendParity(nil, p); !bytes.Equal(re, b) {
+			t.Fatalf("parity %+v re-encodes differently", p)
+		}
+		if first := uint64(p.block) * uint64(p.blockSize); first >= fragments(p.length, p.fragSize) || int(p.index)+int(p.blockSize) > 256 {
+			t.Fatalf("parity %d of block %d of %d past the object or the code", p.index, p.block, p.blockSize)
 		}
 	})
 }
@@ -225,7 +243,11 @@ func FuzzReceiverPacket(f *testing.F) {
 	f.Add(byte(typeData), appendData(nil, dataBody{object: 1, length: 5, fragSize: 1400, payload: make([]byte, 5)}), false)
 	f.Add(byte(typePoll), appendPoll(nil, pollBody{object: 1, length: 10, fragSize: 3, sent: 4}), false)
 	f.Add(byte(typeBye), appendPoll(nil, pollBody{object: 1, length: 10, fragSize: 3, sent: 4}), false)
-	f.Add(byte(typeData), []byte("SM\x01\x01 raw bytes"), true)
+	f.Add(byte(typeData), appendData(nil, dataBody{object: 1, length: 300, fragSize: 100, index: 1, blockSize: 2, payload: make([]byte, 100)}), false)
+	f.Add(byte(typeParity), appendParity(nil, parityBody{object: 1, length: 300, fragSize: 100, blockSize: 2, block: 1, index: 0, payload: make([]byte, 100)}), false)
+	f.Add(byte(typeParity), appendParity(nil, parityBody{object: 1, length: 3000, fragSize: 1400, blockSize: 2, block: 1, index: 3, payload: make([]byte, 200)}), false)
+	f.Add(byte(typeParity), appendParity(nil, parityBody{object: 1, length: 50, fragSize: 100, blockSize: 1, block: 0, index: 5, payload: make([]byte, 50)}), false)
+	f.Add(byte(typeData), []byte("SM\x02\x01 raw bytes"), true)
 	var key [32]byte
 	// Statuses go to the discard port on loopback.
 	fb, err := listenUnicast(context.Background(), netip.MustParseAddr("127.0.0.1"))

@@ -112,7 +112,7 @@ type Receiver struct {
 	wbuf      []byte
 
 	stats struct {
-		packets, bytes, data, dups, statuses, naks, naked, objects, abandoned atomic.Uint64
+		packets, bytes, data, dups, parity, parityUsed, statuses, naks, naked, objects, abandoned atomic.Uint64
 	}
 	drops drops
 }
@@ -132,6 +132,44 @@ type assembly struct {
 	start      time.Time
 	sinceAck   int
 	dirty      bool // progress since the last status
+
+	// FEC: the block size K the sender uses (0: none), once a data or
+	// parity packet told it; the parity symbols held for incomplete
+	// blocks; the parity asked for per block.
+	k       int
+	kKnown  bool
+	parity  map[uint32]*blockParity
+	blockAt map[uint32]blockAsk
+}
+
+// blockParity is the parity symbols a member holds for one block.
+type blockParity struct {
+	index   []int
+	payload [][]byte
+	seen    int // the highest index held, plus one
+}
+
+// blockAsk is the last request for a block's parity: when, and the
+// symbols up to which it asked (seen + need).
+type blockAsk struct {
+	at     int64
+	target int
+}
+
+// setK records the object's block size; false if it contradicts the one
+// known.
+func (a *assembly) setK(k byte) bool {
+	if a.kKnown {
+		return a.k == int(k)
+	}
+	a.k, a.kKnown = int(k), true
+	return true
+}
+
+// blockRange is the fragments of block b.
+func (a *assembly) blockRange(b uint32) (first, end uint32) {
+	first = b * uint32(a.k)
+	return first, uint32(min(uint64(first)+uint64(a.k), uint64(a.n)))
 }
 
 func (a *assembly) holds(f uint32) bool { return a.have[f/64]&(1<<(f%64)) != 0 }
@@ -217,7 +255,7 @@ func (r *Receiver) Close() error {
 func (r *Receiver) Stats() ReceiverStats {
 	st := &r.stats
 	return ReceiverStats{PacketsReceived: st.packets.Load(), BytesReceived: st.bytes.Load(), DataPackets: st.data.Load(),
-		Duplicates: st.dups.Load(), StatusesSent: st.statuses.Load(), NAKsSent: st.naks.Load(), NAKedFragments: st.naked.Load(),
+		Duplicates: st.dups.Load(), ParityPackets: st.parity.Load(), ParityUsed: st.parityUsed.Load(), StatusesSent: st.statuses.Load(), NAKsSent: st.naks.Load(), NAKedFragments: st.naked.Load(),
 		Objects: st.objects.Load(), Abandoned: st.abandoned.Load(), Drops: r.drops.snapshot()}
 }
 
@@ -308,6 +346,14 @@ func (r *Receiver) handle(b []byte, from netip.AddrPort, now time.Time) error {
 		}
 		r.accepted(w, h, from, len(b), now)
 		return r.takeData(d, now)
+	case typeParity:
+		p, err := decodeParity(pt)
+		if err != nil {
+			r.drops.malformed.Add(1)
+			return nil
+		}
+		r.accepted(w, h, from, len(b), now)
+		return r.takeParity(p, now)
 	default: // typePoll, typeBye
 		p, err := decodePoll(pt)
 		if err != nil {
@@ -358,7 +404,8 @@ func (r *Receiver) begin(object, length uint64, fragSize uint16, now time.Time) 
 	}
 	n := uint32(fragments(length, fragSize))
 	r.cur = &assembly{object: object, length: length, fragSize: fragSize, n: n, data: make([]byte, length),
-		have: make([]uint64, (n+63)/64), nakAt: map[uint32]int64{}, start: now}
+		have: make([]uint64, (n+63)/64), nakAt: map[uint32]int64{}, start: now,
+		parity: map[uint32]*blockParity{}, blockAt: map[uint32]blockAsk{}}
 	return r.cur
 }
 
@@ -369,20 +416,20 @@ func (r *Receiver) takeData(d dataBody, now time.Time) error {
 		r.stats.dups.Add(1) // a repair of an object completed here
 		return nil
 	}
+	if !a.setK(d.blockSize) {
+		r.drops.malformed.Add(1)
+		return nil
+	}
 	if a.holds(d.index) {
 		r.stats.dups.Add(1)
 		return nil
 	}
-	copy(a.data[uint64(d.index)*uint64(a.fragSize):], d.payload)
-	a.have[d.index/64] |= 1 << (d.index % 64)
-	a.received++
-	a.dirty = true
-	delete(a.nakAt, d.index)
-	for a.contiguous < a.n && a.holds(a.contiguous) {
-		a.contiguous++
-	}
+	a.store(d.index, d.payload)
 	gap := d.index > a.horizon
 	a.horizon = max(a.horizon, d.index+1)
+	if a.k > 0 {
+		r.recover(a, d.index/uint32(a.k))
+	}
 	if a.received == a.n {
 		return r.complete(a, now)
 	}
@@ -391,6 +438,98 @@ func (r *Receiver) takeData(d dataBody, now time.Time) error {
 		r.sendStatus(a, now)
 	}
 	return nil
+}
+
+// store takes fragment f.
+func (a *assembly) store(f uint32, payload []byte) {
+	copy(a.data[uint64(f)*uint64(a.fragSize):], payload)
+	a.have[f/64] |= 1 << (f % 64)
+	a.received++
+	a.dirty = true
+	delete(a.nakAt, f)
+	for a.contiguous < a.n && a.holds(a.contiguous) {
+		a.contiguous++
+	}
+}
+
+// takeParity keeps a parity symbol of a block this member misses
+// fragments of, and recovers them if it can.
+func (r *Receiver) takeParity(p parityBody, now time.Time) error {
+	a := r.begin(p.object, p.length, p.fragSize, now)
+	if a == nil {
+		r.stats.dups.Add(1)
+		return nil
+	}
+	if !a.setK(p.blockSize) {
+		r.drops.malformed.Add(1)
+		return nil
+	}
+	r.stats.parity.Add(1)
+	first, end := a.blockRange(p.block)
+	held := 0
+	for f := first; f < end; f++ {
+		if a.holds(f) {
+			held++
+		}
+	}
+	bp := a.parity[p.block]
+	if held == int(end-first) || (bp != nil && slices.Contains(bp.index, int(p.index))) {
+		r.stats.dups.Add(1)
+		return nil
+	}
+	if bp == nil {
+		bp = &blockParity{}
+		a.parity[p.block] = bp
+	}
+	bp.index = append(bp.index, int(p.index))
+	bp.payload = append(bp.payload, slices.Clone(p.payload))
+	bp.seen = max(bp.seen, int(p.index)+1)
+	r.recover(a, p.block)
+	if a.received == a.n {
+		return r.complete(a, now)
+	}
+	return nil
+}
+
+// recover decodes block b's missing fragments if it holds as many parity
+// symbols as they are.
+func (r *Receiver) recover(a *assembly, b uint32) {
+	bp := a.parity[b]
+	if bp == nil {
+		return
+	}
+	first, end := a.blockRange(b)
+	frags := make([][]byte, 0, end-first)
+	missing := 0
+	for f := first; f < end; f++ {
+		if a.holds(f) {
+			off := uint64(f) * uint64(a.fragSize)
+			frags = append(frags, a.data[off:off+uint64(fragLen(a.length, a.fragSize, f))])
+		} else {
+			frags = append(frags, nil)
+			missing++
+		}
+	}
+	if missing == 0 {
+		delete(a.parity, b)
+		delete(a.blockAt, b)
+		return
+	}
+	if len(bp.index) < missing {
+		return
+	}
+	size := fragLen(a.length, a.fragSize, first)
+	miss, out, ok := decodeBlock(a.k, frags, bp.index[:missing], bp.payload[:missing], size)
+	if !ok {
+		return
+	}
+	for c, e := range miss {
+		f := first + uint32(e)
+		a.store(f, out[c][:fragLen(a.length, a.fragSize, f)])
+	}
+	r.stats.parityUsed.Add(uint64(missing))
+	delete(a.parity, b)
+	delete(a.blockAt, b)
 }
 
 func (r *Receiver) takePoll(p pollBody, now time.Time) {
@@ -441,7 +580,10 @@ func (r *Receiver) sendStatus(a *assembly, now time.Time) {
 	st := statusBody{object: a.object, contiguous: a.contiguous, received: a.received}
 	stamp := now.Sub(a.start).Nanoseconds() + 1
 	retry := r.cfg.NakRetry.Nanoseconds()
-	for f := a.contiguous; f < a.horizon && len(st.missing) < maxRanges; f++ {
+	if a.k > 0 {
+		r.nakBlocks(a, &st, stamp, retry)
+	}
+	for f := a.contiguous; a.k == 0 && f < a.horizon && len(st.missing) < maxRanges; f++ {
 		if a.holds(f) {
 			continue
 		}
@@ -456,11 +598,45 @@ func (r *Receiver) sendStatus(a *assembly, now time.Time) {
 			st.missing = append(st.missing, span{start: f, count: 1})
 		}
 	}
-	if len(st.missing) > 0 {
+	if len(st.missing) > 0 || len(st.blocks) > 0 {
 		r.stats.naks.Add(1)
 	}
 	a.sinceAck, a.dirty = 0, false
 	r.writeStatus(st)
+}
+
+// nakBlocks asks, for each block below the horizon that misses more
+// fragments than it holds parity symbols, for the difference: again after
+// NakRetry, or at once if it needs more than it last asked for.
+func (r *Receiver) nakBlocks(a *assembly, st *statusBody, stamp, retry int64) {
+	k := uint32(a.k)
+	for b := a.contiguous / k; uint64(b)*uint64(k) < uint64(a.horizon) && len(st.blocks) < maxRanges; b++ {
+		first, end := a.blockRange(b)
+		missing := 0
+		for f := first; f < end && f < a.horizon; f++ {
+			if !a.holds(f) {
+				missing++
+			}
+		}
+		if missing == 0 {
+			continue
+		}
+		held, seen := 0, 0
+		if bp := a.parity[b]; bp != nil {
+			held, seen = len(bp.index), bp.seen
+		}
+		need := missing - held
+		if need <= 0 {
+			continue
+		}
+		target := seen + need
+		if ask, ok := a.blockAt[b]; ok && stamp-ask.at < retry && target <= ask.target {
+			continue
+		}
+		a.blockAt[b] = blockAsk{at: stamp, target: target}
+		r.stats.naked.Add(uint64(need))
+		st.blocks = append(st.blocks, blockNak{block: b, need: byte(need), seen: byte(seen)})
+	}
 }
 
 func (r *Receiver) writeStatus(st statusBody) {

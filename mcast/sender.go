@@ -65,6 +65,14 @@ type SenderConfig struct {
 	// for it are ignored, so that members missing the same fragment cost
 	// one repair (10ms).
 	RepairHoldoff time.Duration
+	// BlockSize is the FEC block size K (64, at most 128): members NAK
+	// the fragments of each block of K by count, and the sender repairs a
+	// block with Reed-Solomon parity packets, any m of which recover any m
+	// missing fragments of the block at every member, so that a block's
+	// repairs cost the most fragments one member misses in it, not the
+	// fragments all members miss. Negative: no FEC, each missing fragment
+	// is repaired itself.
+	BlockSize int
 	// StallTimeout evicts an incomplete member whose cumulative ACK has not
 	// moved, while it is behind, for this long (2s).
 	StallTimeout time.Duration
@@ -139,7 +147,7 @@ type Sender struct {
 	wg   sync.WaitGroup
 
 	stats struct {
-		packets, bytes, data, payload, repairs, repairBytes, polls, statuses, naks, naked, suppressed, evictions atomic.Uint64
+		packets, bytes, data, payload, repairs, repairBytes, parity, parityBytes, polls, statuses, naks, naked, nakedParity, suppressed, evictions atomic.Uint64
 	}
 	drops drops
 }
@@ -156,6 +164,12 @@ func (c *SenderConfig) setDefaults() {
 	}
 	if c.RepairHoldoff == 0 {
 		c.RepairHoldoff = 10 * time.Millisecond
+	}
+	if c.BlockSize == 0 {
+		c.BlockSize = 64
+	}
+	if c.BlockSize < 0 {
+		c.BlockSize = -1
 	}
 	if c.StallTimeout == 0 {
 		c.StallTimeout = 2 * time.Second
@@ -190,6 +204,9 @@ func NewSender(cfg SenderConfig) (*Sender, error) {
 	}
 	if cfg.MTU < 576 || cfg.MTU > 65535 {
 		return nil, fmt.Errorf("%w: MTU %d", ErrConfig, cfg.MTU)
+	}
+	if cfg.BlockSize > maxBlockSize {
+		return nil, fmt.Errorf("%w: block size %d, at most %d", ErrConfig, cfg.BlockSize, maxBlockSize)
 	}
 	if cfg.Window < 1 {
 		return nil, fmt.Errorf("%w: window %d", ErrConfig, cfg.Window)
@@ -256,6 +273,7 @@ func (s *Sender) Stats() SenderStats {
 	st := &s.stats
 	return SenderStats{PacketsSent: st.packets.Load(), BytesSent: st.bytes.Load(), DataPackets: st.data.Load(),
 		PayloadBytes: st.payload.Load(), RepairPackets: st.repairs.Load(), RepairBytes: st.repairBytes.Load(),
+		ParityPackets: st.parity.Load(), ParityBytes: st.parityBytes.Load(), NAKedParity: st.nakedParity.Load(),
 		Polls: st.polls.Load(), Statuses: st.statuses.Load(), NAKs: st.naks.Load(), NAKedFragments: st.naked.Load(),
 		SuppressedNAKs: st.suppressed.Load(), Evictions: st.evictions.Load(), Drops: s.drops.snapshot()}
 }

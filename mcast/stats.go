@@ -25,10 +25,13 @@ type SenderStats struct {
 	PayloadBytes   uint64 // object bytes in first transmissions
 	RepairPackets  uint64
 	RepairBytes    uint64 // wire bytes of repairs
+	ParityPackets  uint64 // FEC repairs: parity packets
+	ParityBytes    uint64 // wire bytes of parity packets
+	NAKedParity    uint64 // parity symbols asked for and sent
 	Polls          uint64
 	Statuses       uint64 // feedback packets accepted
 	NAKs           uint64 // feedback packets that asked for repairs
-	NAKedFragments uint64 // fragments asked for and repaired
+	NAKedFragments uint64 // fragments asked for and repaired one by one
 	SuppressedNAKs uint64 // fragments asked for within the repair holdoff: served by one repair
 	Evictions      uint64
 	Drops          Drops
@@ -42,7 +45,9 @@ type ReceiverStats struct {
 	Duplicates      uint64 // fragments already held (repairs others asked for)
 	StatusesSent    uint64
 	NAKsSent        uint64 // statuses that asked for repairs
-	NAKedFragments  uint64
+	NAKedFragments  uint64 // fragments NAKed, and parity symbols asked for by block
+	ParityPackets   uint64 // parity packets accepted
+	ParityUsed      uint64 // parity packets that recovered a fragment
 	Objects         uint64 // objects completed
 	Abandoned       uint64 // objects the sender moved past before this member had them
 	Drops           Drops

@@ -18,6 +18,14 @@ type transfer struct {
 	start    time.Time
 	repaired []int64 // per fragment: when last repaired, ns since start + 1; 0 never
 	queue    []uint32
+	// FEC: blocks of k fragments (0: none); per block, the parity symbols
+	// issued so far and when the last were (ns since start + 1).
+	k        int
+	issued   []uint16
+	parityAt []int64
+	pqueue   []parityReq
+	pbuf     []byte
+	frags    [][]byte
 	active   []*senderMember
 	evicted  []string
 
@@ -39,6 +47,11 @@ func (s *Sender) Send(ctx context.Context, id uint64, data []byte) (Report, erro
 	}
 	t := &transfer{s: s, object: id, data: data, n: uint32(n), start: time.Now(), repaired: make([]int64, n)}
 	t.lastRefill = t.start
+	if s.cfg.BlockSize > 0 {
+		t.k = s.cfg.BlockSize
+		nb := (n + uint64(t.k) - 1) / uint64(t.k)
+		t.issued, t.parityAt = make([]uint16, nb), make([]int64, nb)
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -74,6 +87,12 @@ func (s *Sender) Send(ctx context.Context, id uint64, data []byte) (Report, erro
 		err = fmt.Errorf("%w: object %d reached nobody", ErrNoMembers, id)
 	}
 	return r, err
+}
+
+// parityReq is a parity symbol to send.
+type parityReq struct {
+	block uint32
+	index byte
 }
 
 // burst is how many packets run goes without looking at feedback.
@@ -163,22 +182,63 @@ func (t *transfer) handle(fb feedback, now time.Time) {
 		m.lastProgress = now
 		return
 	}
-	if len(st.missing) == 0 {
+	if len(st.missing) == 0 && len(st.blocks) == 0 {
 		return
 	}
 	t.s.stats.naks.Add(1)
 	holdoff := t.s.cfg.RepairHoldoff.Nanoseconds()
 	stamp := now.Sub(t.start).Nanoseconds() + 1
 	for _, r := range st.missing {
-		for f := r.start; f < r.start+r.count && f < t.next; f++ {
-			if last := t.repaired[f]; last != 0 && stamp-last < holdoff {
-				t.s.stats.suppressed.Add(1)
-				continue
-			}
-			t.repaired[f] = stamp
-			t.queue = append(t.queue, f)
-			t.s.stats.naked.Add(1)
+		t.repairFragments(r.start, r.start+r.count, stamp, holdoff)
+	}
+	for _, bn := range st.blocks {
+		t.repairBlock(bn, stamp, holdoff)
+	}
+}
+
+// repairFragments queues the fragments in [from, to) that were sent and
+// not repaired within the holdoff.
+func (t *transfer) repairFragments(from, to uint32, stamp, holdoff int64) {
+	for f := from; f < to && f < t.next; f++ {
+		if last := t.repaired[f]; last != 0 && stamp-last < holdoff {
+			t.s.stats.suppressed.Add(1)
+			continue
 		}
+		t.repaired[f] = stamp
+		t.queue = append(t.queue, f)
+		t.s.stats.naked.Add(1)
+	}
+}
+
+// repairBlock queues parity symbols for a block NAK. Symbols issued within
+// the holdoff are taken as on their way to the member, unless it saw them
+// pass already: it gets what it needs beyond them. After the holdoff the
+// member's need is for symbols it has not seen, so new ones go. A block
+// whose parity symbols are exhausted is repaired fragment by fragment.
+func (t *transfer) repairBlock(bn blockNak, stamp, holdoff int64) {
+	k := t.k
+	if k == 0 || uint64(bn.block)*uint64(k) >= uint64(t.next) {
+		return
+	}
+	b := bn.block
+	send := int(bn.need)
+	if last := t.parityAt[b]; last != 0 && stamp-last < holdoff {
+		send = int(bn.seen) + int(bn.need) - int(t.issued[b])
+		if send <= 0 {
+			t.s.stats.suppressed.Add(uint64(bn.need))
+			return
+		}
+	}
+	t.parityAt[b] = stamp
+	for range send {
+		if int(t.issued[b]) >= maxParity(k) {
+			first := b * uint32(k)
+			t.repairFragments(first, first+uint32(k), stamp, holdoff)
+			return
+		}
+		t.pqueue = append(t.pqueue, parityReq{block: b, index: byte(t.issued[b])})
+		t.issued[b]++
+		t.s.stats.nakedParity.Add(1)
 	}
 }
 
@@ -230,6 +290,12 @@ func (t *transfer) sendBurst(now time.Time) (bool, time.Duration) {
 		}
 		var size int
 		switch {
+		case len(t.pqueue) > 0:
+			p := t.pqueue[0]
+			t.pqueue = t.pqueue[1:]
+			size = t.sendParity(p)
+			s.stats.parity.Add(1)
+			s.stats.parityBytes.Add(uint64(size))
 		case len(t.queue) > 0:
 			f := t.queue[0]
 			t.queue = t.queue[1:]
@@ -254,6 +320,21 @@ func (t *transfer) sendFragment(f uint32, flags byte) int {
 	fs := t.s.fragSize
 	off := uint64(f) * uint64(fs)
 	end := off + uint64(fragLen(uint64(len(t.data)), fs, f))
-	d := dataBody{object: t.object, length: uint64(len(t.data)), fragSize: fs, index: f, flags: flags, payload: t.data[off:end]}
+	d := dataBody{object: t.object, length: uint64(len(t.data)), fragSize: fs, index: f, flags: flags, blockSize: byte(t.k), payload: t.data[off:end]}
 	return t.s.send(typeData, func(b []byte) []byte { return appendData(b, d) })
+}
+
+// sendParity encodes and sends one parity symbol.
+func (t *transfer) sendParity(p parityReq) int {
+	fs := t.s.fragSize
+	length := uint64(len(t.data))
+	first := p.block * uint32(t.k)
+	t.frags = t.frags[:0]
+	for f := first; f < t.n && f < first+uint32(t.k); f++ {
+		off := uint64(f) * uint64(fs)
+		t.frags = append(t.frags, t.data[off:off+uint64(fragLen(length, fs, f))])
+	}
+	t.pbuf = encodeParity(t.pbuf[:0], t.k, int(p.index), fragLen(length, fs, first), t.frags)
+	pb := parityBody{object: t.object, length: length, fragSize: fs, blockSize: byte(t.k), block: p.block, index: p.index, payload: t.pbuf}
+	return t.s.send(typeParity, func(b []byte) []byte { return appendParity(b, pb) })
 }

@@ -56,6 +56,8 @@ type result struct {
 	LossExtraByN map[string]float64   `json:"loss1pct_extra_bytes_ratio_by_n"`
 	LossMsByN    map[string]float64   `json:"loss1pct_ms_by_n"`
 	LossRepairs  map[string]uint64    `json:"loss1pct_repair_packets_by_n"`
+	LossParity   map[string]uint64    `json:"loss1pct_parity_packets_by_n"`
+	LossUsed     map[string]uint64    `json:"loss1pct_parity_used_by_n"`
 	LossAllDone  bool                 `json:"loss1pct_all_completed"`
 	AllChecksums bool                 `json:"all_checksums_ok"`
 	Notes        string               `json:"notes"`
@@ -109,7 +111,7 @@ func run(out string, sizeMiB, runs int, nList string, lossN int) error {
 	res := result{ObjectMiB: sizeMiB, Runs: runs, AllChecksums: true, LossAllDone: true, LossN: lossN,
 		McastMs: map[string]float64{}, McastMsAll: map[string][]float64{}, McastMBps: map[string]float64{}, McastWire: map[string]float64{},
 		UnicastMs: map[string]float64{}, UnicastMsAll: map[string][]float64{}, UnicastMBps: map[string]float64{}, UnicastWire: map[string]float64{},
-		LossExtraByN: map[string]float64{}, LossMsByN: map[string]float64{}, LossRepairs: map[string]uint64{},
+		LossExtraByN: map[string]float64{}, LossMsByN: map[string]float64{}, LossRepairs: map[string]uint64{}, LossParity: map[string]uint64{}, LossUsed: map[string]uint64{},
 		Machine: fmt.Sprintf("%s/%s, %d CPUs, %s", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.Version()),
 		Date:    time.Now().UTC().Format(time.RFC3339)}
 	lossless := map[int]float64{} // median wire bytes without loss, per N
@@ -153,10 +155,12 @@ func run(out string, sizeMiB, runs int, nList string, lossN int) error {
 		res.LossExtraByN[k] = m.wireBytes/lossless[n] - 1
 		res.LossMsByN[k] = m.ms
 		res.LossRepairs[k] = m.repairs
+		res.LossParity[k] = m.parity
+		res.LossUsed[k] = m.parityUsed
 		if n == lossN {
 			res.LossExtra = res.LossExtraByN[k]
 		}
-		fmt.Printf("  mcast   N=%d 1%% loss: %8.0f ms  extra bytes %.2f%%  repairs %d\n", n, m.ms, 100*res.LossExtraByN[k], m.repairs)
+		fmt.Printf("  mcast   N=%d 1%% loss: %8.0f ms  extra bytes %.2f%%  repairs %d  parity %d (used by members %d)\n", n, m.ms, 100*res.LossExtraByN[k], m.repairs, m.parity, m.parityUsed)
 	}
 	if t1, t8 := res.McastMs["1"], res.McastMs["8"]; t1 > 0 && t8 > 0 {
 		res.T8OverT1 = t8 / t1
@@ -165,7 +169,9 @@ func run(out string, sizeMiB, runs int, nList string, lossN int) error {
 		" CPUs, so mcast time grows with N from CPU (each member decrypts every packet), not from the network. " +
 		"mcast is AES-256-GCM sealed; the TCP unicast baseline is plaintext. Extra bytes at 1% loss compare the wire bytes " +
 		"(UDP payload + 28 per packet) of a run with 1% loss injected at every member with the median lossless run of the same N; " +
-		"with independent losses a fragment is missed by at least one of N members with probability 1-0.99^N."
+		"with independent losses a fragment is missed by at least one of N members with probability 1-0.99^N; " +
+		"repairs are Reed-Solomon parity over blocks of 64 fragments (one parity packet repairs a different loss at every member), " +
+		"so a block costs the most fragments one member misses in it."
 	res.TotalSeconds = time.Since(start).Seconds()
 	report(os.Stdout, res, counts)
 	js, _ := json.MarshalIndent(res, "", "  ")
@@ -189,6 +195,8 @@ type measurement struct {
 	ms          float64
 	wireBytes   float64
 	repairs     uint64
+	parity      uint64
+	parityUsed  uint64
 	completed   int
 	checksumsOK bool
 }
@@ -238,7 +246,10 @@ func (b *bench) mcastOnce(ctx context.Context, n int, loss float64, seed uint64)
 	}
 	wg.Wait()
 	m := measurement{ms: float64(rep.Duration.Microseconds()) / 1000, completed: len(rep.Completed), checksumsOK: len(rep.Completed) == n,
-		wireBytes: float64(rep.Stats.BytesSent + 28*rep.Stats.PacketsSent), repairs: rep.Stats.RepairPackets}
+		wireBytes: float64(rep.Stats.BytesSent + 28*rep.Stats.PacketsSent), repairs: rep.Stats.RepairPackets, parity: rep.Stats.ParityPackets}
+	for _, r := range rs {
+		m.parityUsed += r.Stats().ParityUsed
+	}
 	for i := range objs {
 		if errs[i] != nil || sha256.Sum256(objs[i].Data) != b.sum {
 			m.checksumsOK = false
