@@ -2,6 +2,7 @@ package hostd
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,11 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
-	"github.com/snowflock-go/snowflock/api"
-	"github.com/snowflock-go/snowflock/coordinator"
-	"github.com/snowflock-go/snowflock/fsm"
 	"github.com/snowflock-go/snowflock/guest/image"
 )
 
@@ -53,82 +49,18 @@ func guestImage(t *testing.T) *image.Image {
 // inside the VM requests a ticket and lists tickets through the serial
 // channel, then powers off, and the cluster sees it all.
 func TestBootVMAndCallAPI(t *testing.T) {
-	requireQEMU(t)
-	im := guestImage(t)
-	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
-
-	s, err := coordinator.New(coordinator.Config{NodeID: "c1", DataDir: t.TempDir(), RaftAddr: "127.0.0.1:0",
-		HTTPAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", Bootstrap: true, Logger: log.Named("coord")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
-
-	ctx := context.Background()
-	dataDir := t.TempDir()
-	hv, err := NewQEMU(ctx, filepath.Join(dataDir, "vms"), "", "", log.Named("qemu"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := New(Config{NodeID: "h1", DataDir: dataDir, GossipAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
-		Join: []string{s.GossipAddr()}, Coordinators: []string{s.HTTPAddr()}, Slots: 8, MemMB: 2048,
-		Kernel: im.Kernel, Initrd: im.Initrd, Logger: log.Named("hostd")}, hv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = d.Shutdown(context.Background()) })
-
-	c, _ := api.NewClient(api.Config{Addrs: []string{s.HTTPAddr()}})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if h, _, err := c.Hosts(ctx, nil); err == nil && len(h) == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("host not registered")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-
+	b := newBed(t, 1)
 	start := time.Now()
-	vm, err := c.CreateVM(ctx, api.VMRequest{Name: "demo", MemMB: 256, VCPUs: 1, Launch: true,
-		Cmd: "sfguest id && sfguest ticket 4 && sfguest tickets && echo WORKLOAD-DONE"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if vm.Host != "h1" || vm.State != fsm.VMPending {
-		t.Fatalf("scheduled vm: %+v", vm)
-	}
-	var index uint64
-	var final fsm.VM
-	for {
-		v, meta, err := c.VM(ctx, vm.ID, &api.QueryOptions{Index: index, Wait: 10 * time.Second})
-		if err != nil {
-			t.Fatal(err)
-		}
-		index = meta.Index
-		if v.State == fsm.VMEnded {
-			final = v
-			break
-		}
-		if time.Since(start) > 3*time.Minute {
-			t.Fatalf("vm still %s after %s", v.State, time.Since(start))
-		}
-	}
+	final, console := b.runVM("sfguest id && sfguest ticket 4 && sfguest tickets && echo WORKLOAD-DONE", 256, 3*time.Minute)
 	t.Logf("VM ran its workload and powered off %s after vm run (%s)", time.Since(start).Round(time.Millisecond), final.Reason)
-
-	console, err := os.ReadFile(filepath.Join(dataDir, "vms", "vm-1", "console.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Logf("console:\n%s", console)
-	for _, want := range []string{"sfguest: ready", "VM 1 on h1: parent", "ticket 1: 4 of 4 clones granted", "WORKLOAD-DONE",
+	for _, want := range []string{"sfguest: ready", fmt.Sprintf("VM %d on h1: parent", final.ID), "4 of 4 clones granted", "WORKLOAD-DONE",
 		"workload exited with status 0"} {
-		if !strings.Contains(string(console), want) {
+		if !strings.Contains(console, want) {
 			t.Errorf("console lacks %q:\n%s", want, console)
 		}
 	}
-	ts, _, err := c.Tickets(ctx, vm.ID, nil)
+	ts, _, err := b.c.Tickets(context.Background(), final.ID, nil)
 	if err != nil || len(ts) != 1 || ts[0].Granted != 4 {
 		t.Fatalf("tickets of the vm: %+v %v", ts, err)
 	}

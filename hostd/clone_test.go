@@ -31,6 +31,7 @@ func requireFUSE(t *testing.T) {
 }
 
 // bed is a coordinator and host daemons in this process, with real QEMU.
+// Tests that clone also need FUSE (requireFUSE).
 type bed struct {
 	t     *testing.T
 	coord *coordinator.Server
@@ -42,7 +43,6 @@ type bed struct {
 func newBed(t *testing.T, hosts int) *bed {
 	t.Helper()
 	requireQEMU(t)
-	requireFUSE(t)
 	im := guestImage(t)
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
 	s, err := coordinator.New(coordinator.Config{NodeID: "c1", DataDir: t.TempDir(), RaftAddr: "127.0.0.1:0",
@@ -96,6 +96,9 @@ func (b *bed) runVM(cmd string, memMB int64, limit time.Duration) (fsm.VM, strin
 	if err != nil {
 		b.t.Fatal(err)
 	}
+	if vm.Host != "h1" || vm.State != fsm.VMPending {
+		b.t.Fatalf("scheduled vm: %+v", vm)
+	}
 	start := time.Now()
 	var index uint64
 	for {
@@ -143,6 +146,7 @@ fi`
 // from the clone call with its k, the parent's memory (a shell variable) and
 // its own identity, and exits with a result that the parent's join returns.
 func TestCloneAcrossHosts(t *testing.T) {
+	requireFUSE(t)
 	b := newBed(t, 2)
 	start := time.Now()
 	vm, console := b.runVM(fmt.Sprintf(cloneWorkload, 2), 256, 3*time.Minute)
@@ -203,6 +207,7 @@ func TestCloneAcrossHosts(t *testing.T) {
 // k, the ticket, and the memory the parent had at the checkpoint (not what
 // it wrote afterwards).
 func TestCheckpointAndCreateClones(t *testing.T) {
+	requireFUSE(t)
 	b := newBed(t, 2)
 	vm, console := b.runVM(`X=before
 eval $(sfguest checkpoint) || { echo CHECKPOINT-FAILED; exit 1; }
@@ -248,6 +253,7 @@ fi`, 256, 3*time.Minute)
 // retries, its QEMU dies, and the cluster records the clone failed with
 // the reason, so the parent's join returns.
 func TestCloneFailsWhenMemoryUnreachable(t *testing.T) {
+	requireFUSE(t)
 	b := newBed(t, 2)
 	ctx := context.Background()
 	vm, err := b.c.CreateVM(ctx, api.VMRequest{Name: "parent", Host: "h1", MemMB: 256, VCPUs: 1, Launch: true,
@@ -302,6 +308,7 @@ func httpGet(url string) (string, error) {
 // tickets (request_ticket, tickets, kill); capturing a QEMU clone is not
 // supported yet and says so.
 func TestCloneCallsTheAPI(t *testing.T) {
+	requireFUSE(t)
 	b := newBed(t, 1)
 	vm, console := b.runVM(`T=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
 K=$(sfguest clone $T)

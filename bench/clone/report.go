@@ -10,6 +10,8 @@ import (
 	"sync"
 	"text/tabwriter"
 	"time"
+
+	"github.com/snowflock-go/snowflock/bench/internal/stat"
 )
 
 // sizeResult is everything measured for one VM size; the JSON key is the
@@ -112,7 +114,7 @@ func (r *sizeResult) addLazy(runs []*ticketRun, pagesN int) {
 		r.FetchedOverTouched = round3(r.PagesFetchedPerClone / r.ParentTouchedPages)
 	}
 	slices.Sort(faults)
-	r.FaultUS = faultStats{P50: percentile(faults, 50), P99: percentile(faults, 99), Samples: len(faults)}
+	r.FaultUS = faultStats{P50: stat.Percentile(faults, 50), P99: stat.Percentile(faults, 99), Samples: len(faults)}
 	if len(faults) > 0 {
 		r.FaultUS.Max = float64(faults[len(faults)-1])
 	}
@@ -168,26 +170,7 @@ func byN(runs []*ticketRun) (med map[string]float64, all map[string][]float64, p
 	return med, all, phases, join
 }
 
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Sorted(slices.Values(v))
-	m := len(s) / 2
-	if len(s)%2 == 1 {
-		return round3(s[m])
-	}
-	return round3((s[m-1] + s[m]) / 2)
-}
-
-// percentile is the nearest-rank percentile of sorted values.
-func percentile(sorted []int64, p float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(math.Ceil(p/100*float64(len(sorted)))) - 1
-	return float64(sorted[max(i, 0)])
-}
+func median(v []float64) float64 { return round3(stat.Median(v)) }
 
 func round3(f float64) float64 { return math.Round(f*1000) / 1000 }
 

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/snowflock-go/snowflock/api"
+	"github.com/snowflock-go/snowflock/bench/internal/stat"
 	"github.com/snowflock-go/snowflock/gossip"
 	"github.com/snowflock-go/snowflock/internal/cluster"
 )
@@ -164,7 +165,7 @@ func run(out string, dur time.Duration, kills int, bin string) error {
 	}
 	sorted := slices.Sorted(slices.Values(res.Failover.AllMs))
 	res.Failover.Runs = len(sorted)
-	res.Failover.MedianMs = median(sorted)
+	res.Failover.MedianMs = stat.Median(sorted)
 	res.Failover.MaxMs = sorted[len(sorted)-1]
 
 	// Every acknowledged ticket must be in the replicated state, once.
@@ -253,16 +254,5 @@ func load(ctx context.Context, c *cluster.Cluster, parent uint64, n int, dur tim
 	if len(lat) == 0 {
 		return 0, 0, 0, errs
 	}
-	return float64(len(lat)) / dur.Seconds(), median(lat), lat[int(float64(len(lat)-1)*0.99)], errs
-}
-
-func median(sorted []float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	m := len(sorted) / 2
-	if len(sorted)%2 == 0 {
-		return (sorted[m-1] + sorted[m]) / 2
-	}
-	return sorted[m]
+	return float64(len(lat)) / dur.Seconds(), stat.Median(lat), lat[int(float64(len(lat)-1)*0.99)], errs
 }

@@ -35,6 +35,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/snowflock-go/snowflock/bench/internal/stat"
 	"github.com/snowflock-go/snowflock/internal/testbed"
 	"github.com/snowflock-go/snowflock/mcast"
 )
@@ -135,9 +136,9 @@ func run(out string, sizeMiB, runs int, nList string, lossN int) error {
 			res.UnicastMsAll[k] = append(res.UnicastMsAll[k], u.ms)
 			fmt.Printf("  unicast N=%d run %d: %8.0f ms\n", n, i+1, u.ms)
 		}
-		res.McastMs[k] = median(res.McastMsAll[k])
-		res.UnicastMs[k] = median(res.UnicastMsAll[k])
-		lossless[n] = median(wires)
+		res.McastMs[k] = stat.Median(res.McastMsAll[k])
+		res.UnicastMs[k] = stat.Median(res.UnicastMsAll[k])
+		lossless[n] = stat.Median(wires)
 		res.McastWire[k] = lossless[n] / float64(len(data))
 		res.McastMBps[k] = float64(len(data)) / 1e6 / (res.McastMs[k] / 1000)
 		res.UnicastMBps[k] = float64(n*len(data)) / 1e6 / (res.UnicastMs[k] / 1000)
@@ -319,14 +320,6 @@ func (b *bench) unicastOnce(ctx context.Context, n int) (measurement, error) {
 		}
 	}
 	return m, nil
-}
-
-func median(v []float64) float64 {
-	s := slices.Sorted(slices.Values(v))
-	if len(s) == 0 {
-		return 0
-	}
-	return s[len(s)/2]
 }
 
 func report(w io.Writer, r result, counts []int) {
