@@ -312,6 +312,10 @@ func TestTransferWithoutFEC(t *testing.T) {
 func TestParityCost(t *testing.T) {
 	bed := newBed(t, 8)
 	data := payload(8<<20, 11)
+	// How much repair coalesces depends on timing (hold-offs), so the
+	// check is relative, against per-fragment repair in the same run, with
+	// a generous absolute bound.
+	ratios := map[int]float64{}
 	for _, fec := range []int{64, -1} {
 		t.Run(fmt.Sprintf("block=%d", fec), func(t *testing.T) {
 			s := newSession(t, bed, sessionOpts{members: 8, loss: 0.02, stall: 10 * time.Second,
@@ -332,10 +336,14 @@ func TestParityCost(t *testing.T) {
 			st := rep.Stats
 			ratio := float64(st.RepairPackets+st.ParityPackets) / float64(st.DataPackets)
 			t.Logf("data %d, repairs %d, parity %d (used %d): %.2f%%", st.DataPackets, st.RepairPackets, st.ParityPackets, used, 100*ratio)
-			if fec > 0 && (ratio > 0.10 || used == 0) {
-				t.Errorf("FEC repairs cost %.2f%% at 2%% loss, 8 members", 100*ratio)
+			if fec > 0 && (ratio > 0.15 || used == 0) {
+				t.Errorf("FEC repairs cost %.2f%% at 2%% loss, 8 members (%d parity packets used)", 100*ratio, used)
 			}
+			ratios[fec] = ratio
 		})
+	}
+	if ratios[64] >= ratios[-1]/2 {
+		t.Errorf("parity repair cost %.2f%%, per-fragment repair %.2f%%: parity should cost less than half", 100*ratios[64], 100*ratios[-1])
 	}
 }
 
