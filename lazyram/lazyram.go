@@ -63,8 +63,11 @@ type Snapshot struct {
 	HasData func(page uint64) bool
 	Source  PageSource
 	// Readahead is the most further pages fetched along with a miss
-	// (default 255; negative: none). They are also pushed into the
-	// kernel's page cache, so the reader's next faults need no request. A reader's window starts at nothing
+	// (default 255; negative: none). They are stored locally; the reader's
+	// next faults on them are served without a fetch. (They are not pushed
+	// into the kernel's page cache with FUSE_NOTIFY_STORE: a store waits,
+	// uninterruptibly, for the lock of a page whose read is pending, and if
+	// the daemon dies then, neither the store nor the reader ever ends.) A reader's window starts at nothing
 	// and doubles from 8 pages while its reads continue where the last one
 	// ended, so scattered faults (a resumed guest) fetch only what they
 	// touch and a sequential scan costs one round trip per window.
@@ -363,7 +366,7 @@ type snapFile struct {
 	inflight map[uint64]chan struct{} // pages being fetched, closed when stored
 	stats    Stats
 	closed   bool
-	users    sync.WaitGroup // reads and page cache pushes using backing
+	users    sync.WaitGroup // reads using backing
 }
 
 var (
@@ -382,7 +385,7 @@ func (sf *snapFile) close() {
 	}
 	sf.closed = true
 	sf.mu.Unlock()
-	sf.users.Wait() // reads and pushes use the backing file
+	sf.users.Wait() // reads use the backing file
 	sf.backing.Close()
 }
 
@@ -529,9 +532,6 @@ func (sf *snapFile) ensure(ctx context.Context, first, last uint64, readahead in
 	var err error
 	if len(want) > 0 {
 		err = sf.fetch(ctx, want)
-		if err == nil && readahead > 0 {
-			sf.push(last+1, min(last+1+uint64(readahead), sf.pages))
-		}
 	}
 	for _, ch := range wait {
 		select {
@@ -586,44 +586,6 @@ func (sf *snapFile) fetch(ctx context.Context, want []uint64) error {
 	}
 	sf.mu.Unlock()
 	return err
-}
-
-// push stores the pages lo..hi-1 that are held locally into the kernel's
-// page cache of the file (FUSE_NOTIFY_STORE), so that a sequential reader's
-// next faults are served by the kernel without a FUSE request each. It
-// runs in the background: a read of those pages may hold their page locks
-// while it waits for the fetch that just ended.
-func (sf *snapFile) push(lo, hi uint64) {
-	sf.mu.Lock()
-	if sf.closed {
-		sf.mu.Unlock()
-		return
-	}
-	var runs [][2]uint64
-	for p := lo; p < hi; p++ {
-		if !sf.isPresent(p) && sf.hasData(p) {
-			continue // not here: the kernel will ask for it
-		}
-		if n := len(runs); n > 0 && runs[n-1][1] == p {
-			runs[n-1][1] = p + 1
-		} else {
-			runs = append(runs, [2]uint64{p, p + 1})
-		}
-	}
-	sf.users.Add(1)
-	sf.mu.Unlock()
-	go func() {
-		defer sf.users.Done()
-		for _, r := range runs {
-			buf := make([]byte, (r[1]-r[0])*PageSize)
-			if _, err := sf.backing.ReadAt(buf, int64(r[0])*PageSize); err != nil && !errors.Is(err, io.EOF) {
-				return
-			}
-			if errno := sf.WriteCache(int64(r[0])*PageSize, buf); errno != 0 {
-				return // not cached by the kernel (yet), or unmounting: the reads will come
-			}
-		}
-	}()
 }
 
 // check verifies that a source answered exactly the pages asked, in order.
