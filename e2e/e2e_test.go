@@ -21,16 +21,7 @@ var binDir string
 
 const token = "e2e-token"
 
-func TestMain(m *testing.M) {
-	dir, err := cluster.Prepare()
-	if err != nil {
-		panic(err)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { cluster.TestMain(m, &binDir) }
 
 // bed is 3 coordinators and n hosts, each host in its own namespace.
 type bed struct {

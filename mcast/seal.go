@@ -1,7 +1,6 @@
 package mcast
 
 import (
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/rand"
@@ -9,6 +8,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+
+	"github.com/snowflock-go/snowflock/internal/aesgcm"
 )
 
 // kdfLabel names what the keys are for, so that keys derived from a session
@@ -38,11 +39,7 @@ func deriveAEAD(key [32]byte, session uint64, origin string) (cipher.AEAD, error
 	if err != nil {
 		return nil, fmt.Errorf("mcast: deriving keys: %w", err)
 	}
-	block, err := aes.NewCipher(k)
-	if err != nil {
-		return nil, fmt.Errorf("mcast: %w", err)
-	}
-	aead, err := cipher.NewGCM(block)
+	aead, err := aesgcm.New(k)
 	if err != nil {
 		return nil, fmt.Errorf("mcast: %w", err)
 	}

@@ -392,14 +392,7 @@ func shmOrTemp(t *testing.T) string {
 func TestClientClose(t *testing.T) {
 	sf := writeSnapshot(t, t.TempDir(), "ram", 8, 33)
 	s := startServer(t, Config{})
-	entered, release := make(chan struct{}), make(chan struct{})
-	var once atomic.Bool
-	s.testHookServing = func(string) {
-		if once.CompareAndSwap(false, true) {
-			close(entered)
-			<-release
-		}
-	}
+	entered, release := holdFirstRequest(s)
 	defer close(release)
 	c := dial(t, ClientConfig{}, s, "a", register(t, s, "a", sf))
 	done := make(chan error, 1)
@@ -426,14 +419,7 @@ func TestClientClose(t *testing.T) {
 func TestFetchContext(t *testing.T) {
 	sf := writeSnapshot(t, t.TempDir(), "ram", 8, 34)
 	s := startServer(t, Config{})
-	entered, release := make(chan struct{}), make(chan struct{})
-	var once atomic.Bool
-	s.testHookServing = func(string) {
-		if once.CompareAndSwap(false, true) {
-			close(entered)
-			<-release
-		}
-	}
+	entered, release := holdFirstRequest(s)
 	c := dial(t, ClientConfig{}, s, "a", register(t, s, "a", sf))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

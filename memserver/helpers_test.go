@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -366,4 +367,18 @@ func (rc *rawConn) expectClosed() {
 	if errors.As(err, &ne) && ne.Timeout() {
 		rc.t.Fatalf("connection still open after %d bytes", n)
 	}
+}
+
+// holdFirstRequest makes the server's first request wait, once serving has
+// begun, until release is closed; entered is closed when it begins.
+func holdFirstRequest(s *Server) (entered, release chan struct{}) {
+	entered, release = make(chan struct{}), make(chan struct{})
+	var once atomic.Bool
+	s.testHookServing = func(string) {
+		if once.CompareAndSwap(false, true) {
+			close(entered)
+			<-release
+		}
+	}
+	return entered, release
 }

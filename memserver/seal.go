@@ -1,7 +1,6 @@
 package memserver
 
 import (
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/rand"
@@ -11,6 +10,8 @@ import (
 	"fmt"
 	"math"
 	"slices"
+
+	"github.com/snowflock-go/snowflock/internal/aesgcm"
 )
 
 // ErrAuth is wrapped by the error that ends a connection when a sealed
@@ -107,11 +108,7 @@ func serverSession(k sessionKeys) (*session, error) {
 }
 
 func newGCM(key []byte) (cipher.AEAD, error) {
-	block, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, fmt.Errorf("memserver: %w", err)
-	}
-	aead, err := cipher.NewGCM(block)
+	aead, err := aesgcm.New(key)
 	if err != nil {
 		return nil, fmt.Errorf("memserver: %w", err)
 	}

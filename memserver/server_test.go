@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,14 +91,7 @@ func TestRelease(t *testing.T) {
 	sf := writeSnapshot(t, t.TempDir(), "ram", 64, 5)
 	s := startServer(t, Config{})
 	capA := register(t, s, "a", sf)
-	entered, proceed := make(chan struct{}), make(chan struct{})
-	var once atomic.Bool
-	s.testHookServing = func(id string) {
-		if once.CompareAndSwap(false, true) {
-			close(entered)
-			<-proceed
-		}
-	}
+	entered, proceed := holdFirstRequest(s)
 	inflight := dial(t, ClientConfig{}, s, "a", capA)
 	later := dial(t, ClientConfig{}, s, "a", capA) // connected before the release
 	snap := s.lookup("a")

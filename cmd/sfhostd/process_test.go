@@ -21,16 +21,7 @@ import (
 
 var binDir string
 
-func TestMain(m *testing.M) {
-	dir, err := cluster.Prepare()
-	if err != nil {
-		panic(err)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { cluster.TestMain(m, &binDir) }
 
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()

@@ -33,3 +33,17 @@ func Prepare() (string, error) {
 	}
 	return dir, nil
 }
+
+// TestMain is a TestMain for packages that test real processes: it builds
+// the binaries and image with Prepare, stores their directory in *binDir,
+// runs the tests and removes the directory.
+func TestMain(m interface{ Run() int }, binDir *string) {
+	dir, err := Prepare()
+	if err != nil {
+		panic(err)
+	}
+	*binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
