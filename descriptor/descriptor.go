@@ -328,3 +328,48 @@ func Normalize(rs []Range) []Range {
 	}
 	return out
 }
+
+// Overlay is the page map of memory made of base (the pages holding data
+// there) with an overlay over it: own are pages the overlay holds with
+// data, ownZero pages it holds as zeros. The result is sorted, disjoint
+// and not adjacent, like Descriptor.Pages. Pages at or past total are
+// refused.
+func Overlay(base, own, ownZero []Range, total uint64) ([]Range, error) {
+	bits := make([]uint64, (total+63)/64)
+	set := func(rs []Range, on bool) error {
+		for _, r := range rs {
+			if r.Count > total || r.Start > total-r.Count {
+				return invalid("pages %d+%d beyond %d", r.Start, r.Count, total)
+			}
+			for p := r.Start; p < r.Start+r.Count; p++ {
+				if on {
+					bits[p/64] |= 1 << (p % 64)
+				} else {
+					bits[p/64] &^= 1 << (p % 64)
+				}
+			}
+		}
+		return nil
+	}
+	if err := set(base, true); err != nil {
+		return nil, err
+	}
+	if err := set(ownZero, false); err != nil {
+		return nil, err
+	}
+	if err := set(own, true); err != nil {
+		return nil, err
+	}
+	var out []Range
+	for p := uint64(0); p < total; p++ {
+		if bits[p/64]&(1<<(p%64)) == 0 {
+			continue
+		}
+		if n := len(out); n > 0 && out[n-1].Start+out[n-1].Count == p {
+			out[n-1].Count++
+		} else {
+			out = append(out, Range{Start: p, Count: 1})
+		}
+	}
+	return out, nil
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -141,4 +142,30 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("re-encoded descriptor does not parse: %v", err)
 		}
 	})
+}
+
+func TestOverlay(t *testing.T) {
+	for _, tc := range []struct {
+		name            string
+		base, own, zero []Range
+		want            []Range
+		bad             bool
+	}{
+		{"empty", nil, nil, nil, nil, false},
+		{"base only", []Range{{0, 2}, {5, 1}}, nil, nil, []Range{{0, 2}, {5, 1}}, false},
+		{"own joins base", []Range{{0, 2}}, []Range{{2, 3}}, nil, []Range{{0, 5}}, false},
+		{"zero splits base", []Range{{0, 10}}, nil, []Range{{3, 2}}, []Range{{0, 3}, {5, 5}}, false},
+		{"own over zero hole", nil, []Range{{7, 1}, {9, 1}}, []Range{{8, 1}}, []Range{{7, 1}, {9, 1}}, false},
+		{"all zeroed", []Range{{0, 16}}, nil, []Range{{0, 16}}, nil, false},
+		{"last page", nil, []Range{{15, 1}}, nil, []Range{{15, 1}}, false},
+		{"past the end", nil, []Range{{15, 2}}, nil, nil, true},
+		{"overflow", []Range{{1<<64 - 1, 2}}, nil, nil, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := Overlay(tc.base, tc.own, tc.zero, 16)
+			if (err != nil) != tc.bad || !slices.Equal(got, tc.want) {
+				t.Errorf("got %v, %v; want %v (error: %v)", got, err, tc.want, tc.bad)
+			}
+		})
+	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/snowflock-go/snowflock/descriptor"
 	"github.com/snowflock-go/snowflock/fsm"
 	"github.com/snowflock-go/snowflock/guestchan"
+	"github.com/snowflock-go/snowflock/lazyram"
 	"github.com/snowflock-go/snowflock/memserver"
 )
 
@@ -34,6 +35,13 @@ type Capture struct {
 	Pages           []descriptor.Range // pages that hold data
 	DataPages       uint64
 	Pause           time.Duration
+
+	// Base is set when the VM is a clone: FrozenRAMPath is then an overlay
+	// over Base, the RAM file the clone was restored from, holding only the
+	// clone's own pages: Pages with data, OwnZero all zero. Every other page
+	// is Base's.
+	Base    string
+	OwnZero []descriptor.Range
 }
 
 // remove deletes the capture's files.
@@ -63,13 +71,13 @@ type localSnap struct {
 	ticket     uint64 // for a clone call
 	checkpoint uint64 // for a checkpoint call, once committed
 	pause      time.Duration
+	dataPages  uint64
+	// base is the source an overlay capture (of a clone) reads its other
+	// pages from: held until the snapshot is released.
+	base *source
 
 	released sync.Once
 }
-
-// ErrNotCapturable is wrapped by a Snapshotter that cannot capture this
-// VM (a QEMU clone, whose memory is private to its process).
-var ErrNotCapturable = errors.New("this VM cannot be captured")
 
 // Capture errors a guest sees.
 var (
@@ -111,16 +119,51 @@ func (d *Daemon) capture(ctx context.Context, vmID uint64, call uint64, inflight
 	if err != nil {
 		return nil, err
 	}
+	spec := memserver.SnapshotSpec{ID: name, Path: c.FrozenRAMPath, Size: c.RAMSize}
+	pages, dataPages := c.Pages, c.DataPages
+	var base *source
+	if c.Base != "" {
+		// A clone: its memory is the overlay over what it was restored
+		// from, which this host reads through its lazy RAM file system.
+		if base, err = d.overlayBase(lv, c); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if !ok {
+				d.put(base)
+			}
+		}()
+		total := uint64(c.RAMSize / descriptor.PageSize)
+		if pages, err = descriptor.Overlay(base.desc.Pages, c.Pages, c.OwnZero, total); err != nil {
+			return nil, fmt.Errorf("page map of the overlay: %w", err)
+		}
+		dataPages = (&descriptor.Descriptor{Pages: pages}).DataPages()
+		own := make([]uint64, (total+63)/64)
+		for _, rs := range [][]descriptor.Range{c.Pages, c.OwnZero} {
+			for _, r := range rs {
+				for p := r.Start; p < r.Start+r.Count; p++ {
+					own[p/64] |= 1 << (p % 64)
+				}
+			}
+		}
+		spec.Own = func(p uint64) bool { return own[p/64]&(1<<(p%64)) != 0 }
+		lz, err := d.lazyFS()
+		if err != nil {
+			return nil, err
+		}
+		spec.Base = lazyBase{fs: lz, id: base.lazyID}
+	}
 	meta := c.Meta
 	meta.ParentVM, meta.Checkpoint, meta.GuestCall, meta.GuestInFlight = vmID, checkpoint, call, inflight
 	meta.Append = lv.spec.Append
-	desc := &descriptor.Descriptor{Meta: meta, Pages: c.Pages, DeviceState: dev}
+	desc := &descriptor.Descriptor{Meta: meta, Pages: pages, DeviceState: dev}
 	blob, err := desc.MarshalBinary()
 	if err != nil {
 		return nil, err
 	}
-	ls := &localSnap{digest: descriptor.Digest(blob), blob: blob, memID: name, capture: c, parent: vmID, pause: c.Pause}
-	if ls.capability, err = d.ms.Register(memserver.SnapshotSpec{ID: name, Path: c.FrozenRAMPath, Size: c.RAMSize}); err != nil {
+	ls := &localSnap{digest: descriptor.Digest(blob), blob: blob, memID: name, capture: c, parent: vmID, pause: c.Pause,
+		dataPages: dataPages, base: base}
+	if ls.capability, err = d.ms.Register(spec); err != nil {
 		return nil, fmt.Errorf("memserver: %w", err)
 	}
 	d.mu.Lock()
@@ -128,14 +171,14 @@ func (d *Daemon) capture(ctx context.Context, vmID uint64, call uint64, inflight
 	d.mu.Unlock()
 	ok = true
 	d.log.Info("captured VM", "vm", vmID, "snapshot", name, "pause", c.Pause, "descriptor_bytes", len(blob),
-		"data_pages", c.DataPages, "device_state_bytes", len(dev))
+		"data_pages", dataPages, "own_pages", c.DataPages, "overlay", c.Base != "", "device_state_bytes", len(dev))
 	return ls, nil
 }
 
 // descriptorRequest is what raft records of a local snapshot.
 func (d *Daemon) descriptorRequest(ls *localSnap) api.DescriptorRequest {
 	return api.DescriptorRequest{RequestID: api.NewRequestID(), ParentVM: ls.parent, Host: d.cfg.NodeID,
-		Size: int64(len(ls.blob)), SHA256: ls.digest, MemserverAddr: d.MemserverAddr(), PageCount: int64(ls.capture.DataPages)}
+		Size: int64(len(ls.blob)), SHA256: ls.digest, MemserverAddr: d.MemserverAddr(), PageCount: int64(ls.dataPages)}
 }
 
 // release stops serving a snapshot and deletes its files. Clones of it
@@ -149,6 +192,9 @@ func (d *Daemon) release(ls *localSnap, why string) {
 			d.log.Warn("memserver release", "snapshot", ls.memID, "error", err)
 		}
 		ls.capture.remove()
+		if ls.base != nil {
+			d.put(ls.base)
+		}
 		d.log.Info("snapshot released", "snapshot", ls.memID, "why", why)
 	})
 }
@@ -175,7 +221,7 @@ func (d *Daemon) Clone(ctx context.Context, vmID, ticket, call uint64, inflight 
 		return guestchan.CloneResult{}, err
 	}
 	d.emit(Event{Kind: EventCaptured, VM: vmID, Ticket: ticket, Pause: ls.pause, DescriptorBytes: len(ls.blob),
-		DataPages: ls.capture.DataPages})
+		DataPages: ls.dataPages})
 	ls.ticket = ticket
 	resp, err := d.coord.Clone(ctx, ticket, d.descriptorRequest(ls))
 	if err != nil {
@@ -275,4 +321,31 @@ func (d *Daemon) handleDescriptor(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set(headerCapability, hex.EncodeToString(ls.capability[:]))
 	w.Header().Set(headerSnapshot, ls.memID)
 	_, _ = w.Write(ls.blob)
+}
+
+// overlayBase returns, with a reference, the source that the clone lv runs
+// from, which the capture c of it is an overlay over.
+func (d *Daemon) overlayBase(lv *localVM, c *Capture) (*source, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	src := lv.src
+	if src == nil || src.ramPath != c.Base || src.desc == nil || src.lazyID == "" {
+		return nil, fmt.Errorf("vm %d is an overlay over %s, which is no descriptor's memory on this host", lv.id, c.Base)
+	}
+	if int64(src.desc.Meta.MemMB)<<20 != c.RAMSize {
+		return nil, fmt.Errorf("vm %d has %d bytes of RAM, its descriptor %d MiB", lv.id, c.RAMSize, src.desc.Meta.MemMB)
+	}
+	src.refs++
+	return src, nil
+}
+
+// lazyBase reads the memory of a descriptor this host runs clones from,
+// for the memserver serving an overlay over it.
+type lazyBase struct {
+	fs *lazyram.FS
+	id string
+}
+
+func (b lazyBase) ReadPages(ctx context.Context, first uint64, dst []byte) error {
+	return b.fs.ReadPages(ctx, b.id, first, dst)
 }

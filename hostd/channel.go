@@ -221,7 +221,7 @@ func (g *GuestChannel) handle(ctx context.Context, req *guestchan.Request) *gues
 		if errors.Is(err, guestchan.ErrBadMessage) {
 			return guestchan.Fail(req.ID, guestchan.CodeBadRequest, "%v", err)
 		}
-		if errors.Is(err, ErrNotCapturable) || errors.Is(err, errNoSnapshots) || errors.Is(err, errNoMemserver) {
+		if errors.Is(err, errNoSnapshots) || errors.Is(err, errNoMemserver) {
 			return guestchan.Fail(req.ID, guestchan.CodeUnsupported, "%v", err)
 		}
 		if c := fsm.Code(err); c != "internal" {

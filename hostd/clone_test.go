@@ -304,32 +304,70 @@ func httpGet(url string) (string, error) {
 	return string(b), err
 }
 
-// TestCloneCallsTheAPI: a clone may call the API as a parent of its own
-// tickets (request_ticket, tickets, kill); capturing a QEMU clone is not
-// supported yet and says so.
-func TestCloneCallsTheAPI(t *testing.T) {
-	requireFUSE(t)
-	b := newBed(t, 1)
-	vm, console := b.runVM(`T=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
-K=$(sfguest clone $T)
+// cloneOfClone: the parent writes data and clones; its clone writes data
+// of its own, kills a spare ticket and clones in turn; the grandchild
+// checksums both datasets and exits; the clone joins it and exits with what
+// it joined.
+const cloneOfClone = `X=$(head -c 1000000 /dev/urandom | sha256sum | cut -c1-16)
+head -c 8000000 /dev/urandom > /tmp/p
+P=$(sha256sum /tmp/p | cut -c1-16)
+echo "PARENT-STATE x=$X p=$P"
+T=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
+K=$(sfguest clone $T) || { echo CLONE-FAILED; exit 1; }
 if [ "$K" = 0 ]; then sfguest join $T; echo PARENT-DONE; exit 0; fi
+head -c 4000000 /dev/urandom > /tmp/c
+C=$(sha256sum /tmp/c | cut -c1-16)
+V=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
+sfguest kill $V >/dev/null
 U=$(sfguest ticket 1 | sed 's/^ticket \([0-9]*\):.*/\1/')
-MSG=$(sfguest clone $U 2>&1)
-sfguest kill $U >/dev/null
-sfguest exit --result "ticket=$U clone: $MSG"`, 256, 3*time.Minute)
-	if !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
+L=$(sfguest clone $U 2>&1) || { sfguest exit --status 9 --result "clone of a clone: $L"; exit 0; }
+if [ "$L" = 0 ]; then
+  J=$(sfguest join $U | tail -n +3 | tr -s ' ')
+  sfguest exit --result "c=$C killed=$V joined=$U: $J"
+else
+  sfguest exit --status 7 --result "grandchild x=$X p=$(sha256sum /tmp/p | cut -c1-16) c=$(sha256sum /tmp/c | cut -c1-16) $(sfguest id | tr '\n' ' ')"
+fi`
+
+// TestCloneOfClone: a clone calls the API as the parent of its own tickets
+// (request, kill, clone, join). Its snapshot is an overlay of its own pages
+// over the memory it was restored from, served by its host's memserver; the
+// grandchild sees the parent's data and the clone's.
+func TestCloneOfClone(t *testing.T) {
+	requireFUSE(t)
+	b := newBed(t, 2)
+	vm, console := b.runVM(cloneOfClone, 256, 3*time.Minute)
+	m := regexp.MustCompile(`(?m)^PARENT-STATE x=(\w+) p=(\w+)`).FindStringSubmatch(console)
+	if m == nil || !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
 		t.Fatalf("parent console:\n%s", console)
 	}
-	ts, _, _ := b.c.Tickets(context.Background(), vm.ID, nil)
-	tv, _, _ := b.c.Ticket(context.Background(), ts[0].ID, nil)
+	x, p := m[1], m[2]
+	ctx := context.Background()
+	ts, _, _ := b.c.Tickets(ctx, vm.ID, nil)
+	tv, _, _ := b.c.Ticket(ctx, ts[0].ID, nil)
 	cl := tv.Clones[0]
-	if cl.State != fsm.CloneExited || !strings.Contains(cl.Result, "only parent VMs can clone") {
+	t.Logf("clone: %+v", cl)
+	var c string
+	var killed, joined uint64
+	if cl.State != fsm.CloneExited || cl.Status != 0 {
 		t.Fatalf("clone: %+v", cl)
 	}
-	var own uint64
-	fmt.Sscanf(cl.Result, "ticket=%d", &own)
-	ot, _, err := b.c.Ticket(context.Background(), own, nil)
-	if err != nil || ot.ParentVM != cl.VMID || ot.State != fsm.TicketKilled {
-		t.Fatalf("the clone's own ticket %d: %+v %v", own, ot, err)
+	if _, err := fmt.Sscanf(cl.Result, "c=%s killed=%d joined=%d:", &c, &killed, &joined); err != nil {
+		t.Fatalf("clone's result %q: %v", cl.Result, err)
 	}
+	if kt, _, err := b.c.Ticket(ctx, killed, nil); err != nil || kt.ParentVM != cl.VMID || kt.State != fsm.TicketKilled {
+		t.Errorf("the clone's killed ticket %d: %+v %v", killed, kt, err)
+	}
+	gt, _, err := b.c.Ticket(ctx, joined, nil)
+	if err != nil || gt.ParentVM != cl.VMID || gt.State != fsm.TicketJoined || len(gt.Clones) != 1 {
+		t.Fatalf("the clone's ticket %d: %+v %v", joined, gt, err)
+	}
+	g := gt.Clones[0]
+	want := fmt.Sprintf("grandchild x=%s p=%s c=%s VM %d on %s: clone 1 of ticket %d (parent VM %d)", x, p, c, g.VMID, g.Host, joined, cl.VMID)
+	if g.State != fsm.CloneExited || g.Status != 7 || strings.TrimSpace(g.Result) != want {
+		t.Fatalf("grandchild: %+v\nwant result %q", g, want)
+	}
+	if !strings.Contains(cl.Result, g.Host) {
+		t.Errorf("the clone's join output %q does not show the grandchild on %s", cl.Result, g.Host)
+	}
+	t.Logf("grandchild on %s: %s", g.Host, g.Result)
 }

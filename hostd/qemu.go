@@ -96,7 +96,7 @@ func (q *QEMU) Start(ctx context.Context, spec VMSpec) (RunningVM, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &qemuVM{vm: vm, kernel: spec.Kernel}, nil
+	return &qemuVM{vm: vm, kernel: spec.Kernel, ramDir: q.RAMDir}, nil
 }
 
 // Restore starts a clone from a descriptor's machine and device state with
@@ -120,24 +120,26 @@ func (q *QEMU) Restore(ctx context.Context, spec VMSpec, src RestoreSource) (Run
 	if err != nil {
 		return nil, err
 	}
-	return &qemuVM{vm: vm, kernel: spec.Kernel}, nil
+	return &qemuVM{vm: vm, kernel: spec.Kernel, ramDir: q.RAMDir}, nil
 }
 
 type qemuVM struct {
 	vm     *qemuctl.VM
 	kernel string
+	ramDir string // where frozen RAM goes: the host's tmpfs
 }
 
 // Snapshot captures the VM for cloning: device state into the run
-// directory, frozen RAM beside the VM's RAM file on its tmpfs.
+// directory, frozen RAM beside the VM's RAM file on its tmpfs. A clone's
+// frozen RAM is an overlay over the RAM it was restored from (Capture.Base),
+// in the host's RAM directory.
 func (v *qemuVM) Snapshot(ctx context.Context, name string) (*Capture, error) {
-	dir := filepath.Dir(v.vm.RAMFile())
+	if err := os.MkdirAll(v.ramDir, 0o700); err != nil {
+		return nil, err
+	}
 	res, err := v.vm.Snapshot(ctx, qemuctl.SnapshotOptions{
 		DeviceStatePath: filepath.Join(v.vm.RunDir(), name+".dev"),
-		FrozenRAMPath:   filepath.Join(dir, name+".frozen")})
-	if errors.Is(err, qemuctl.ErrPrivateRAM) {
-		return nil, fmt.Errorf("%w: a clone's memory is private to its QEMU process; only parent VMs can clone or checkpoint on QEMU so far", ErrNotCapturable)
-	}
+		FrozenRAMPath:   filepath.Join(v.ramDir, name+".frozen")})
 	if err != nil {
 		return nil, err
 	}
@@ -149,11 +151,16 @@ func (v *qemuVM) Snapshot(ctx context.Context, name string) (*Capture, error) {
 	if m.Kernel {
 		c.Meta.Kernel = v.kernel
 	}
-	c.Pages = make([]descriptor.Range, len(res.Pages))
-	for i, p := range res.Pages {
-		c.Pages[i] = descriptor.Range{Start: p.First, Count: p.Count}
-	}
+	c.Pages, c.OwnZero, c.Base = ranges(res.Pages), ranges(res.ZeroPages), res.Base
 	return c, nil
+}
+
+func ranges(rs []qemuctl.PageRange) []descriptor.Range {
+	out := make([]descriptor.Range, len(rs))
+	for i, p := range rs {
+		out[i] = descriptor.Range{Start: p.First, Count: p.Count}
+	}
+	return out
 }
 
 func (v *qemuVM) GuestChannel(ctx context.Context) (io.ReadWriteCloser, error) {

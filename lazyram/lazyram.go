@@ -317,6 +317,32 @@ feed:
 	return err
 }
 
+// ReadPages reads pages of a snapshot from first on into dst, a whole
+// number of pages, fetching those that are not present (without read-ahead)
+// as a read of the file would. It is how this process reads a snapshot: it
+// must never map or read the mounted file itself, whose reads it serves.
+func (f *FS) ReadPages(ctx context.Context, id string, first uint64, dst []byte) error {
+	sf, err := f.file(id)
+	if err != nil {
+		return err
+	}
+	n := uint64(len(dst) / PageSize)
+	if len(dst)%PageSize != 0 || n == 0 || first >= sf.pages || n > sf.pages-first {
+		return fmt.Errorf("lazyram: pages %d+%d outside snapshot %s of %d pages", first, n, id, sf.pages)
+	}
+	if !sf.use() {
+		return fmt.Errorf("lazyram: snapshot %s removed", id)
+	}
+	defer sf.users.Done()
+	if err := sf.ensure(ctx, first, first+n-1, 0); err != nil {
+		return err
+	}
+	if _, err := sf.backing.ReadAt(dst, int64(first)*PageSize); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
+}
+
 // Stats returns a snapshot's counters.
 func (f *FS) Stats(id string) (Stats, error) {
 	sf, err := f.file(id)

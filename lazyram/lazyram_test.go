@@ -388,3 +388,43 @@ func TestReaderWindow(t *testing.T) {
 		t.Error("a nil reader (Fill) read ahead")
 	}
 }
+
+// TestReadPages reads a snapshot in-process, as a memserver serving an
+// overlay over it does: the pages equal the frozen file's, are fetched
+// once, zero pages are never fetched, and bad ranges are refused.
+func TestReadPages(t *testing.T) {
+	requireFUSE(t)
+	src, data := frozen(t, 1024, 3)
+	fs := mount(t)
+	source := &fileSource{f: src}
+	if _, err := fs.Add(Snapshot{ID: "r", Size: 1024 * PageSize, HasData: func(p uint64) bool { return data[p] },
+		Source: source}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	want := make([]byte, 1024*PageSize)
+	if _, err := src.ReadAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, rg := range [][2]uint64{{0, 1}, {5, 17}, {100, 300}, {0, 1024}, {1023, 1}} {
+		got := make([]byte, rg[1]*PageSize)
+		if err := fs.ReadPages(ctx, "r", rg[0], got); err != nil {
+			t.Fatalf("pages %v: %v", rg, err)
+		}
+		if !bytes.Equal(got, want[rg[0]*PageSize:(rg[0]+rg[1])*PageSize]) {
+			t.Fatalf("pages %v differ from the frozen file", rg)
+		}
+	}
+	if fetched, twice := source.count(); fetched != len(data) || twice {
+		t.Errorf("fetched %d pages (twice: %v), want each of the %d data pages once", fetched, twice, len(data))
+	}
+	for _, bad := range []struct {
+		id    string
+		first uint64
+		n     int
+	}{{"r", 1024, PageSize}, {"r", 1000, 25 * PageSize}, {"r", 0, 100}, {"r", 0, 0}, {"nope", 0, PageSize}} {
+		if err := fs.ReadPages(ctx, bad.id, bad.first, make([]byte, bad.n)); err == nil {
+			t.Errorf("ReadPages(%s, %d, %d bytes) succeeded", bad.id, bad.first, bad.n)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package memserver
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Capability is the secret that grants access to one snapshot. Whoever
@@ -70,7 +72,26 @@ type SnapshotSpec struct {
 	// Capability, if not zero, is used instead of a fresh random one: a
 	// restarted memserver keeps serving the clones of its snapshots.
 	Capability Capability
+
+	// Base, with Own, makes the snapshot an overlay, as a clone's snapshot
+	// is over the memory its clone was restored from: a page for which Own
+	// reports true is read from Path (where a hole reads as zeros), any
+	// other page from Base. Both or neither are set.
+	Base PageReader
+	Own  func(page uint64) bool
 }
+
+// PageReader reads the pages of a snapshot that lie under an overlay.
+// ReadPages is called concurrently and may block on the network; the
+// pages it reads must never change.
+type PageReader interface {
+	// ReadPages fills dst, a whole number of pages, with the pages from
+	// first on.
+	ReadPages(ctx context.Context, first uint64, dst []byte) error
+}
+
+// baseReadTimeout bounds one read of an overlay's base.
+const baseReadTimeout = 2 * time.Minute
 
 // snapshot is a registered snapshot. Requests hold a reference while they
 // read it; the file is closed once it is released and no request holds it.
@@ -80,6 +101,8 @@ type snapshot struct {
 	file       *os.File
 	raw        syscall.RawConn
 	pages      uint64
+	base       PageReader
+	own        func(page uint64) bool
 
 	noHoles atomic.Bool // the file system cannot report holes
 
@@ -92,6 +115,9 @@ type snapshot struct {
 func openSnapshot(spec SnapshotSpec) (*snapshot, error) {
 	if !validID(spec.ID) {
 		return nil, fmt.Errorf("memserver: invalid snapshot ID %q", spec.ID)
+	}
+	if (spec.Base == nil) != (spec.Own == nil) {
+		return nil, fmt.Errorf("memserver: snapshot %s: an overlay needs both Base and Own", spec.ID)
 	}
 	f, err := os.Open(spec.Path)
 	if err != nil {
@@ -126,7 +152,8 @@ func openSnapshot(spec SnapshotSpec) (*snapshot, error) {
 	if c.IsZero() {
 		c = NewCapability()
 	}
-	return &snapshot{id: spec.ID, capability: c, file: f, raw: raw, pages: uint64(size / PageSize)}, nil
+	return &snapshot{id: spec.ID, capability: c, file: f, raw: raw, pages: uint64(size / PageSize),
+		base: spec.Base, own: spec.Own}, nil
 }
 
 // acquire takes a reference for a request, unless the snapshot has been
@@ -189,6 +216,60 @@ var zeroPage [PageSize]byte
 // pages are data and how many were found to be holes without reading. The
 // caller holds a reference and has checked the ranges.
 func (s *snapshot) readPages(ranges []pageRange, kinds, data []byte) (nData, nHoles int, err error) {
+	if s.base == nil {
+		return s.readFile(ranges, kinds, data)
+	}
+	// An overlay: runs of pages of the file and of the base, in turn.
+	k := 0
+	for _, pr := range ranges {
+		for p, end := pr.first, pr.first+uint64(pr.count); p < end; {
+			own := s.own(p)
+			q := p + 1
+			for q < end && s.own(q) == own {
+				q++
+			}
+			n := int(q - p)
+			var d, h int
+			if own {
+				d, h, err = s.readFile([]pageRange{{first: p, count: uint32(n)}}, kinds[k:k+n], data[nData*PageSize:])
+			} else {
+				d, err = s.readBase(p, kinds[k:k+n], data[nData*PageSize:(nData+n)*PageSize])
+			}
+			if err != nil {
+				return 0, 0, err
+			}
+			nData, nHoles, k, p = nData+d, nHoles+h, k+n, q
+		}
+	}
+	return nData, nHoles, nil
+}
+
+// readBase reads len(kinds) pages from first of an overlay's base into buf
+// and compacts them like readFile.
+func (s *snapshot) readBase(first uint64, kinds, buf []byte) (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), baseReadTimeout)
+	defer cancel()
+	if err := s.base.ReadPages(ctx, first, buf); err != nil {
+		return 0, fmt.Errorf("base of the overlay: %w", err)
+	}
+	nData := 0
+	for i := range kinds {
+		page := buf[i*PageSize : (i+1)*PageSize]
+		if bytes.Equal(page, zeroPage[:]) {
+			kinds[i] = kindZero
+			continue
+		}
+		if nData != i {
+			copy(buf[nData*PageSize:(nData+1)*PageSize], page)
+		}
+		kinds[i] = kindData
+		nData++
+	}
+	return nData, nil
+}
+
+// readFile is readPages from the file.
+func (s *snapshot) readFile(ranges []pageRange, kinds, data []byte) (nData, nHoles int, err error) {
 	k := 0
 	for _, pr := range ranges {
 		pos := int64(pr.first) * PageSize

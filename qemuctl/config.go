@@ -137,6 +137,9 @@ type memory struct {
 	path     string
 	private  bool // share=off
 	incoming bool // -incoming defer
+	// devices: the incoming device state is FormatDevices, which has no
+	// configuration section for QEMU to expect.
+	devices bool
 }
 
 // bootMemory is the memory of a VM that Start boots.
@@ -185,6 +188,9 @@ func (c Config) args(accel Accel, cpu string, mem memory) []string {
 	}
 	if mem.incoming {
 		a = append(a, "-incoming", "defer")
+	}
+	if mem.devices {
+		a = append(a, "-global", "migration.send-configuration=off")
 	}
 	return append(a, c.Extra...)
 }

@@ -21,7 +21,8 @@ const incomingFD = 4
 
 // RestoreOptions say what a clone is restored from.
 type RestoreOptions struct {
-	// DeviceStatePath is a device state saved by Snapshot.
+	// DeviceStatePath is a device state saved by Snapshot, of a VM that owns
+	// its RAM or of a clone (either Format).
 	DeviceStatePath string
 	// RAMPath is the frozen RAM file the clone maps private (share=off):
 	// it reads the snapshot's pages and keeps its own writes. It must exist
@@ -74,6 +75,14 @@ func restore(ctx context.Context, cfg Config, opts RestoreOptions) (*VM, error) 
 		return nil, err
 	}
 	defer dev.Close() // QEMU has its own copy
+	var h [streamHeaderLength]byte
+	if _, err := dev.ReadAt(h[:], 0); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrBadDeviceState, opts.DeviceStatePath, err)
+	}
+	format, err := deviceStateFormat(h[:])
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", opts.DeviceStatePath, err)
+	}
 
 	accel, cpu := cfg.accelAndCPU(log)
 	if opts.Machine != nil {
@@ -86,7 +95,7 @@ func restore(ctx context.Context, cfg Config, opts RestoreOptions) (*VM, error) 
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
 		return nil, err
 	}
-	mem := memory{path: ramPath, private: true, incoming: true}
+	mem := memory{path: ramPath, private: true, incoming: true, devices: format == FormatDevices}
 	vm, err := start(ctx, cfg, log, accel, cfg.args(accel, cpu, mem), mem, []*os.File{dev})
 	if err != nil {
 		return nil, err

@@ -11,10 +11,6 @@ import (
 	"github.com/snowflock-go/snowflock/qemuctl/qmp"
 )
 
-// ErrPrivateRAM is returned by Snapshot on a clone: its RAM is a private
-// mapping, so its device state would carry all of its RAM.
-var ErrPrivateRAM = errors.New("qemuctl: the VM's RAM is private (a clone): it cannot be snapshotted cheaply")
-
 // snapshotFD is the name under which QEMU holds the device state file.
 const snapshotFD = "sf-device-state"
 
@@ -71,6 +67,19 @@ type SnapshotResult struct {
 	// need fetching.
 	Pages     []PageRange `json:"pages"`
 	DataPages uint64      `json:"data_pages"` // the sum of Pages' counts
+
+	// Format is the device state's: FormatMigration, or FormatDevices for
+	// the snapshot of a clone.
+	Format DeviceStateFormat `json:"format"`
+
+	// Base is set for the snapshot of a clone: the frozen RAM file the clone
+	// maps, over which FrozenRAMPath is an overlay. The snapshot's memory
+	// is then Base's, but for the pages in Pages (the clone's own, with
+	// data, in FrozenRAMPath) and ZeroPages (its own, all zero, holes in
+	// FrozenRAMPath). MergeOverlay makes a full RAM file of it.
+	Base      string       `json:"base,omitempty"`
+	ZeroPages []PageRange  `json:"zero_pages,omitempty"`
+	Overlay   OverlayStats `json:"overlay,omitempty"`
 }
 
 // Snapshot saves the VM's device state and freezes its RAM: it stops the
@@ -97,12 +106,15 @@ func (vm *VM) Snapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotResu
 }
 
 func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions) (res *SnapshotResult, err error) {
-	if !vm.ownsRAM {
-		return nil, ErrPrivateRAM
-	}
 	devPath, frozenPath, err := snapshotPaths(opts)
 	if err != nil {
 		return nil, err
+	}
+	if !vm.ownsRAM {
+		if frozenPath == vm.ram {
+			return nil, errors.New("FrozenRAMPath is the clone's frozen RAM file")
+		}
+		return vm.snapshotClone(ctx, devPath, frozenPath)
 	}
 	if frozenPath == vm.ram {
 		return nil, errors.New("FrozenRAMPath is the VM's RAM file")
@@ -125,7 +137,7 @@ func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions) (res *Snapshot
 	}
 
 	res = &SnapshotResult{DeviceStatePath: devPath, FrozenRAMPath: frozenPath,
-		RAMSize: int64(vm.cfg.MemMB) << 20, Machine: vm.Machine()}
+		RAMSize: int64(vm.cfg.MemMB) << 20, Machine: vm.Machine(), Format: FormatMigration}
 	dev, err := os.OpenFile(devPath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, err
