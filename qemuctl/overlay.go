@@ -392,4 +392,3 @@ func MergeOverlay(res *SnapshotResult, dst string) error {
 	}
 	return f.Close()
 }
-
