@@ -83,6 +83,7 @@ type RemovePeerRequest struct {
 type HostRequest struct {
 	GossipAddr string `json:"gossip_addr"`
 	APIAddr    string `json:"api_addr"`
+	McastAddr  string `json:"mcast_addr,omitempty"`
 	Slots      int    `json:"slots"`
 	MemMB      int64  `json:"mem_mb"`
 }

@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -188,7 +190,8 @@ func (s *Server) handleHostRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := r.PathValue("id")
-	res, ok := s.commit(w, &fsm.HostRegister{ID: id, GossipAddr: req.GossipAddr, APIAddr: req.APIAddr, Slots: req.Slots, MemMB: req.MemMB})
+	res, ok := s.commit(w, &fsm.HostRegister{ID: id, GossipAddr: req.GossipAddr, APIAddr: req.APIAddr, McastAddr: req.McastAddr,
+		Slots: req.Slots, MemMB: req.MemMB})
 	if !ok {
 		return
 	}
@@ -333,7 +336,8 @@ func (s *Server) handleTicketClone(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, ok := s.commit(w, &fsm.DescriptorCreate{RequestID: req.RequestID, Ticket: id, ParentVM: req.ParentVM, Host: req.Host,
-		Size: req.Size, SHA256: req.SHA256, MemserverAddr: req.MemserverAddr, McastGroup: req.McastGroup, PageCount: req.PageCount})
+		Size: req.Size, SHA256: req.SHA256, MemserverAddr: req.MemserverAddr, McastGroup: req.McastGroup, PageCount: req.PageCount,
+		McastKey: newMcastKey()})
 	if !ok {
 		return
 	}
@@ -380,7 +384,8 @@ func (s *Server) handleCreateClones(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	res, ok := s.commit(w, &fsm.CreateClones{RequestID: req.RequestID, Ticket: id, Checkpoint: req.Checkpoint, Caller: req.Caller})
+	res, ok := s.commit(w, &fsm.CreateClones{RequestID: req.RequestID, Ticket: id, Checkpoint: req.Checkpoint, Caller: req.Caller,
+		McastKey: newMcastKey()})
 	if !ok {
 		return
 	}
@@ -551,4 +556,13 @@ func (s *Server) handleCheckpoint(w http.ResponseWriter, r *http.Request) {
 		}
 		return c, max(c.CreateIndex, 1), nil
 	})
+}
+
+// newMcastKey is a fresh multicast session key for a ticket's clones: the
+// coordinator hands it out, through the replicated ticket, to the parent's
+// host (the sender) and the clones' hosts (the members).
+func newMcastKey() string {
+	var k [32]byte
+	rand.Read(k[:]) // never fails (crypto/rand crashes the program instead)
+	return hex.EncodeToString(k[:])
 }

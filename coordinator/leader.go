@@ -234,11 +234,11 @@ func (r *reconciler) host(m gossip.Member) {
 	switch m.Status {
 	case gossip.StatusAlive, gossip.StatusSuspect:
 		if known && h.Status == fsm.HostAlive && h.GossipAddr == m.Addr && h.APIAddr == m.Meta.API &&
-			h.Slots == m.Meta.Slots && h.MemMB == m.Meta.MemMB {
+			h.McastAddr == m.Meta.Mcast && h.Slots == m.Meta.Slots && h.MemMB == m.Meta.MemMB {
 			return
 		}
 		r.commit("register host", &fsm.HostRegister{ID: m.Name, GossipAddr: m.Addr, APIAddr: m.Meta.API,
-			Slots: m.Meta.Slots, MemMB: m.Meta.MemMB})
+			McastAddr: m.Meta.Mcast, Slots: m.Meta.Slots, MemMB: m.Meta.MemMB})
 	case gossip.StatusFailed, gossip.StatusLeft:
 		if known && h.Status == fsm.HostAlive {
 			left := m.Status == gossip.StatusLeft

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -226,6 +227,24 @@ if [ "$K" = 0 ]; then sfguest join $T; echo PARENT-DONE; else sfguest exit --sta
 	if len(tv.Clones) != 4 || len(hosts) != 3 {
 		t.Errorf("%d clones on hosts %v", len(tv.Clones), hosts)
 	}
+	// The descriptor went to every clone host by multicast on the bridge,
+	// and the parent's pages followed.
+	var pushed, received int64
+	for _, h := range b.hosts {
+		m, err := h.Get(b.ctx, "/metrics", token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pushed += metricValue(m, "sf_host_mcast_pages_pushed_total")
+		received += metricValue(m, "sf_host_mcast_pages_received_total")
+		if n := metricValue(m, "sf_host_mcast_descriptors_received_total"); hosts[h.ID] > 0 && n != 1 {
+			t.Errorf("%s (%d clones) received %d descriptors by multicast; metrics:\n%s", h.ID, hosts[h.ID], n, m)
+		}
+	}
+	t.Logf("multicast: %d pages pushed, %d received over %d hosts", pushed, received, len(hosts))
+	if pushed == 0 || received < pushed {
+		t.Errorf("%d pages pushed, %d received", pushed, received)
+	}
 	vms, _, err := b.cl.VMs(b.ctx, "", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -338,4 +357,18 @@ if [ "$K" = 0 ]; then sfguest join $T; else sleep 600; fi`)
 	if len(frozen) == 0 {
 		t.Log("no frozen snapshot file found to check (RAM dir elsewhere?)")
 	}
+}
+
+// metricValue is the value of an unlabelled metric in a Prometheus text
+// exposition, or -1.
+func metricValue(text, name string) int64 {
+	for _, line := range strings.Split(text, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err == nil {
+				return n
+			}
+		}
+	}
+	return -1
 }

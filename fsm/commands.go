@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"net/netip"
 	"regexp"
 	"strconv"
 	"strings"
@@ -68,6 +69,7 @@ type HostRegister struct {
 	ID         string
 	GossipAddr string
 	APIAddr    string
+	McastAddr  string
 	Slots      int
 	MemMB      int64
 }
@@ -131,6 +133,9 @@ type DescriptorCreate struct {
 	MemserverAddr string
 	McastGroup    string
 	PageCount     int64
+	// McastKey is the ticket's multicast session key (64 hex digits), for
+	// a clone call; empty: none.
+	McastKey string
 }
 
 // CloneUpdate moves the clone that runs as VMID to State: running (its host
@@ -180,6 +185,7 @@ type CreateClones struct {
 	Ticket     uint64
 	Checkpoint uint64
 	Caller     uint64
+	McastKey   string // the ticket's multicast session key, as in DescriptorCreate
 }
 
 func (*HostRegister) Type() CommandType     { return CmdHostRegister }
@@ -352,6 +358,11 @@ func (c *HostRegister) Validate() error {
 	if err := ValidateAddr("gossip address", c.GossipAddr, true); err != nil {
 		return err
 	}
+	if c.McastAddr != "" {
+		if a, err := netip.ParseAddr(c.McastAddr); err != nil || !a.Is4() || a.IsUnspecified() || a.IsMulticast() {
+			return fmt.Errorf("%w: multicast address %q is not a unicast IPv4 address", ErrInvalid, c.McastAddr)
+		}
+	}
 	if err := ValidateAddr("api address", c.APIAddr, true); err != nil {
 		return err
 	}
@@ -446,7 +457,18 @@ func (c *DescriptorCreate) Validate() error {
 	if c.ParentVM == 0 {
 		return fmt.Errorf("%w: parent vm id 0", ErrInvalid)
 	}
+	if err := validateMcastKey(c.McastKey); err != nil {
+		return err
+	}
 	return validateDescriptorFields(c.Host, c.Size, c.SHA256, c.MemserverAddr, c.McastGroup, c.PageCount)
+}
+
+// validateMcastKey accepts no key or 64 lowercase hex digits.
+func validateMcastKey(k string) error {
+	if k != "" && !sha256Pattern.MatchString(k) {
+		return fmt.Errorf("%w: multicast key must be 64 lowercase hex digits", ErrInvalid)
+	}
+	return nil
 }
 
 func (c *CloneUpdate) Validate() error {
@@ -507,5 +529,5 @@ func (c *CreateClones) Validate() error {
 	if c.Ticket == 0 || c.Checkpoint == 0 || c.Caller == 0 {
 		return fmt.Errorf("%w: create_clones needs a ticket, a checkpoint and a calling vm", ErrInvalid)
 	}
-	return nil
+	return validateMcastKey(c.McastKey)
 }

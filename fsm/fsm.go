@@ -198,11 +198,11 @@ func (s *state) hostRegister(idx uint64, c *HostRegister) error {
 		h = &Host{ID: c.ID, CreateIndex: idx}
 		s.hosts[c.ID] = h
 	}
-	if ok && h.GossipAddr == c.GossipAddr && h.APIAddr == c.APIAddr && h.Slots == c.Slots &&
-		h.MemMB == c.MemMB && h.Status == HostAlive {
+	if ok && h.GossipAddr == c.GossipAddr && h.APIAddr == c.APIAddr && h.McastAddr == c.McastAddr &&
+		h.Slots == c.Slots && h.MemMB == c.MemMB && h.Status == HostAlive {
 		return nil // nothing new: keep ModifyIndex so watchers do not wake
 	}
-	h.GossipAddr, h.APIAddr, h.Slots, h.MemMB = c.GossipAddr, c.APIAddr, c.Slots, c.MemMB
+	h.GossipAddr, h.APIAddr, h.McastAddr, h.Slots, h.MemMB = c.GossipAddr, c.APIAddr, c.McastAddr, c.Slots, c.MemMB
 	h.Status = HostAlive
 	h.ModifyIndex = idx
 	return nil
@@ -421,6 +421,7 @@ func (s *state) descriptorCreate(idx uint64, c *DescriptorCreate) (uint64, error
 	d := s.newDescriptor(idx, c.ParentVM, c.Host, c.Size, c.SHA256, c.MemserverAddr, c.McastGroup, c.PageCount)
 	if t != nil {
 		d.Ticket = t.ID
+		t.McastKey = c.McastKey
 		s.startClones(idx, t, d.ID)
 	}
 	return d.ID, nil
@@ -557,6 +558,7 @@ func (s *state) createClones(idx uint64, c *CreateClones) error {
 	if cp.ParentVM != c.Caller {
 		return fmt.Errorf("%w: checkpoint %d belongs to vm %d", ErrNotParent, c.Checkpoint, cp.ParentVM)
 	}
+	t.McastKey = c.McastKey
 	s.startClones(idx, t, cp.Descriptor)
 	return nil
 }

@@ -186,6 +186,7 @@ func TestFSM_Apply_Commands(t *testing.T) {
 			check: func(x *fixture, r *Result) {
 				tv := x.view(1)
 				x.eq("ticket state/descriptor", [2]interface{}{tv.State, tv.Descriptor}, [2]interface{}{TicketActive, r.ID})
+				x.eq("ticket multicast key", tv.McastKey, testSHA)
 				x.eq("descriptor ticket", func() uint64 { d, _ := x.f.Descriptor(r.ID); return d.Ticket }(), uint64(1))
 				x.eq("clones", x.cloneStates(1), "1:pending@h2 2:pending@h3")
 				for k, host := range []string{"h2", "h3"} {
@@ -631,6 +632,24 @@ func TestFSM_Apply_Refused(t *testing.T) {
 		{"checkpoint sha256 not hex", func(x *fixture) Command {
 			c := checkpointCmd(x.p1)
 			c.SHA256 = "g" + testSHA[1:]
+			return c
+		}, ErrInvalid},
+		{"descriptor multicast key short", func(x *fixture) Command {
+			c := descriptorCmd(x.ticket(x.p1, "h2"), x.p1)
+			c.McastKey = testSHA[:62]
+			return c
+		}, ErrInvalid},
+		{"create_clones multicast key upper case", func(x *fixture) Command {
+			return &CreateClones{Ticket: x.ticket(x.p1, "h2"), Checkpoint: 1, Caller: x.p1, McastKey: strings.ToUpper(testSHA)}
+		}, ErrInvalid},
+		{"host multicast address multicast", func(x *fixture) Command {
+			c := hostCmd("h3", 1)
+			c.McastAddr = "239.1.1.1"
+			return c
+		}, ErrInvalid},
+		{"host multicast address with port", func(x *fixture) Command {
+			c := hostCmd("h3", 1)
+			c.McastAddr = "10.0.0.3:7502"
 			return c
 		}, ErrInvalid},
 		{"descriptor memserver 0.0.0.0", func(x *fixture) Command {

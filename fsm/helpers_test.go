@@ -53,7 +53,7 @@ func hostCmd(id string, slots int) *HostRegister {
 
 func descriptorCmd(ticket, parent uint64) *DescriptorCreate {
 	return &DescriptorCreate{Ticket: ticket, ParentVM: parent, Host: "h1", Size: 4096, SHA256: testSHA,
-		MemserverAddr: "10.0.0.2:7100", McastGroup: "239.1.1.1:7200", PageCount: 65536}
+		MemserverAddr: "10.0.0.2:7100", McastGroup: "239.1.1.1:7200", PageCount: 65536, McastKey: testSHA}
 }
 
 func checkpointCmd(parent uint64) *CheckpointCreate {

@@ -31,12 +31,15 @@ const (
 
 // Host is a physical machine that runs VMs through sfhostd.
 type Host struct {
-	ID         string     `json:"id"`
-	GossipAddr string     `json:"gossip_addr"`
-	APIAddr    string     `json:"api_addr"`
-	Slots      int        `json:"slots"`  // clone slots offered
-	MemMB      int64      `json:"mem_mb"` // memory offered to VMs
-	Status     HostStatus `json:"status"`
+	ID         string `json:"id"`
+	GossipAddr string `json:"gossip_addr"`
+	APIAddr    string `json:"api_addr"`
+	// McastAddr is the host's IPv4 address on the interface it multicasts
+	// on; empty if it does not.
+	McastAddr string     `json:"mcast_addr,omitempty"`
+	Slots     int        `json:"slots"`  // clone slots offered
+	MemMB     int64      `json:"mem_mb"` // memory offered to VMs
+	Status    HostStatus `json:"status"`
 	// UsedSlots is derived: placements of undisposed tickets whose clone has
 	// not reached a terminal state. It is recomputed on restore, never stored.
 	UsedSlots   int    `json:"used_slots"`
@@ -115,16 +118,20 @@ func (s TicketState) Disposed() bool { return s == TicketJoined || s == TicketKi
 // Ticket is a reservation of clones for a parent VM. Placements[k-1] is the
 // host that runs clone k.
 type Ticket struct {
-	ID          uint64      `json:"id"`
-	ParentVM    uint64      `json:"parent_vm"`
-	Requested   int         `json:"requested"`
-	Granted     int         `json:"granted"`
-	Placements  []string    `json:"placements"`
-	State       TicketState `json:"state"`
-	Descriptor  uint64      `json:"descriptor,omitempty"`
-	Reason      string      `json:"reason,omitempty"` // why it was killed
-	CreateIndex uint64      `json:"create_index"`
-	ModifyIndex uint64      `json:"modify_index"`
+	ID         uint64      `json:"id"`
+	ParentVM   uint64      `json:"parent_vm"`
+	Requested  int         `json:"requested"`
+	Granted    int         `json:"granted"`
+	Placements []string    `json:"placements"`
+	State      TicketState `json:"state"`
+	Descriptor uint64      `json:"descriptor,omitempty"`
+	// McastKey is the session key (64 hex digits) of the multicast session
+	// that delivers the descriptor and memory to the clones' hosts, chosen
+	// by the coordinator when the ticket starts its clones.
+	McastKey    string `json:"mcast_key,omitempty"`
+	Reason      string `json:"reason,omitempty"` // why it was killed
+	CreateIndex uint64 `json:"create_index"`
+	ModifyIndex uint64 `json:"modify_index"`
 }
 
 // CloneState is the life cycle of one clone.

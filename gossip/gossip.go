@@ -40,8 +40,10 @@ const (
 // gossip message about the node, so it stays small (at most 512 bytes).
 type Meta struct {
 	Role Role   `json:"role"`
-	API  string `json:"api,omitempty"`  // HTTP API address
-	Raft string `json:"raft,omitempty"` // raft transport address (coordinators)
+	API  string `json:"api,omitempty"` // HTTP API address
+	// Mcast is a host's IPv4 address on its multicast interface, if any.
+	Mcast string `json:"mcast,omitempty"`
+	Raft  string `json:"raft,omitempty"` // raft transport address (coordinators)
 	// Expect is the --bootstrap-expect value of a coordinator, 0 if none.
 	Expect int   `json:"expect,omitempty"`
 	Slots  int   `json:"slots,omitempty"` // clone slots offered (hosts)

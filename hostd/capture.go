@@ -72,6 +72,12 @@ type localSnap struct {
 	checkpoint uint64 // for a checkpoint call, once committed
 	pause      time.Duration
 	dataPages  uint64
+	pages      []descriptor.Range // the descriptor's page map
+	// pushers multicast the snapshot to its tickets' hosts; stopPush ends
+	// them when it is released (releasedFlag, under Daemon.mu).
+	pushers      []*pusher
+	stopPush     []context.CancelFunc
+	releasedFlag bool
 	// base is the source an overlay capture (of a clone) reads its other
 	// pages from: held until the snapshot is released.
 	base *source
@@ -162,7 +168,7 @@ func (d *Daemon) capture(ctx context.Context, vmID uint64, call uint64, inflight
 		return nil, err
 	}
 	ls := &localSnap{digest: descriptor.Digest(blob), blob: blob, memID: name, capture: c, parent: vmID, pause: c.Pause,
-		dataPages: dataPages, base: base}
+		dataPages: dataPages, base: base, pages: pages}
 	if ls.capability, err = d.ms.Register(spec); err != nil {
 		return nil, fmt.Errorf("memserver: %w", err)
 	}
@@ -187,7 +193,12 @@ func (d *Daemon) release(ls *localSnap, why string) {
 	ls.released.Do(func() {
 		d.mu.Lock()
 		delete(d.snaps, ls.digest)
+		ls.releasedFlag = true
+		stops := ls.stopPush
 		d.mu.Unlock()
+		for _, stop := range stops {
+			stop()
+		}
 		if err := d.ms.Release(ls.memID); err != nil && !errors.Is(err, memserver.ErrUnknownSnapshot) {
 			d.log.Warn("memserver release", "snapshot", ls.memID, "error", err)
 		}
@@ -231,6 +242,7 @@ func (d *Daemon) Clone(ctx context.Context, vmID, ticket, call uint64, inflight 
 	d.log.Info("clone started", "vm", vmID, "ticket", ticket, "descriptor", resp.Descriptor.ID, "clones", resp.Ticket.Granted,
 		"pause", ls.pause)
 	d.goRun(func() { d.watchSnapshot(ls) })
+	d.startPusher(ctx, ls, resp.Ticket.Ticket)
 	return guestchan.CloneResult{CloneID: 0, Ticket: ticket}, nil
 }
 
@@ -348,4 +360,22 @@ type lazyBase struct {
 
 func (b lazyBase) ReadPages(ctx context.Context, first uint64, dst []byte) error {
 	return b.fs.ReadPages(ctx, b.id, first, dst)
+}
+
+// clonesCreated starts the multicast of a checkpoint's snapshot to the
+// hosts of a ticket that create_clones started from it.
+func (d *Daemon) clonesCreated(t fsm.TicketView, checkpoint uint64) {
+	d.mu.Lock()
+	var ls *localSnap
+	for _, s := range d.snaps {
+		if s.checkpoint == checkpoint && s.checkpoint != 0 {
+			ls = s
+		}
+	}
+	d.mu.Unlock()
+	if ls != nil {
+		ctx, cancel := context.WithTimeout(d.stopCtx, 10*time.Second)
+		defer cancel()
+		d.startPusher(ctx, ls, t.Ticket)
+	}
 }

@@ -91,6 +91,9 @@ type GuestChannel struct {
 	mu       sync.Mutex
 	stats    ChannelStats
 	inflight map[uint64]int // request IDs being answered (a guest may reuse one)
+	// OnCreateClones, if set, is told of the tickets create_clones started
+	// from a checkpoint (the host multicasts their memory).
+	OnCreateClones func(t fsm.TicketView, checkpoint uint64)
 }
 
 // Stats returns the channel's counters.
@@ -348,8 +351,12 @@ func (g *GuestChannel) handle(ctx context.Context, req *guestchan.Request) *gues
 		if err := req.DecodeArgs(&a); err != nil {
 			return fail(err)
 		}
-		if _, err := g.Coord.CreateClones(ctx, a.Ticket, a.Checkpoint, g.VMID); err != nil {
+		t, err := g.Coord.CreateClones(ctx, a.Ticket, a.Checkpoint, g.VMID)
+		if err != nil {
 			return fail(err)
+		}
+		if g.OnCreateClones != nil {
+			g.OnCreateClones(t, a.Checkpoint)
 		}
 		return answer(guestchan.CloneResult{CloneID: 0, Ticket: a.Ticket}, nil)
 	}

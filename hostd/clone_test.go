@@ -4,11 +4,14 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -38,9 +41,36 @@ type bed struct {
 	c     *api.Client
 	hosts []*Daemon
 	dirs  []string
+
+	mu     sync.Mutex
+	events []Event
 }
 
-func newBed(t *testing.T, hosts int) *bed {
+// bedOption changes the configuration of host i (from 0).
+type bedOption func(i int, cfg *Config)
+
+// withoutMcast turns multicast off on host i.
+func withoutMcast(host int) bedOption {
+	return func(i int, cfg *Config) {
+		if i == host {
+			cfg.McastAddr = netip.Addr{}
+		}
+	}
+}
+
+// freeUDPPort returns a UDP port on loopback that nothing uses now.
+func freeUDPPort(t *testing.T) uint16 {
+	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return uint16(c.LocalAddr().(*net.UDPAddr).Port)
+}
+
+// newBed starts a coordinator and hosts h1..hN. The hosts multicast on
+// loopback (named explicitly, as ever), on a port of their own.
+func newBed(t *testing.T, hosts int, opts ...bedOption) *bed {
 	t.Helper()
 	requireQEMU(t)
 	im := guestImage(t)
@@ -53,16 +83,27 @@ func newBed(t *testing.T, hosts int) *bed {
 	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
 	b := &bed{t: t, coord: s}
 	b.c, _ = api.NewClient(api.Config{Addrs: []string{s.HTTPAddr()}})
+	port := freeUDPPort(t)
 	for i := 1; i <= hosts; i++ {
 		dir := t.TempDir()
 		hv, err := NewQEMU(context.Background(), filepath.Join(dir, "vms"), "", "", log.Named("qemu"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		d, err := New(Config{NodeID: fmt.Sprintf("h%d", i), DataDir: dir, GossipAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
+		cfg := Config{NodeID: fmt.Sprintf("h%d", i), DataDir: dir, GossipAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
 			MemserverAddr: "127.0.0.1:0", Join: []string{s.GossipAddr()}, Coordinators: []string{s.HTTPAddr()},
 			Slots: 4, MemMB: 4096, Kernel: im.Kernel, Initrd: im.Initrd, PageCacheDir: filepath.Join(hv.RAMDir, "pages"),
-			Logger: log.Named(fmt.Sprintf("h%d", i))}, hv)
+			McastAddr: netip.MustParseAddr("127.0.0.1"), McastPort: port,
+			OnEvent: func(e Event) {
+				b.mu.Lock()
+				b.events = append(b.events, e)
+				b.mu.Unlock()
+			},
+			Logger: log.Named(fmt.Sprintf("h%d", i))}
+		for _, o := range opts {
+			o(i-1, &cfg)
+		}
+		d, err := New(cfg, hv)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -199,6 +240,58 @@ func TestCloneAcrossHosts(t *testing.T) {
 	t.Logf("memserver of h1: %+v", st)
 	if st.DataPages == 0 {
 		t.Error("no page was fetched from the parent's memserver")
+	}
+	// Multicast: both hosts got the descriptor that way, and the parent's
+	// host pushed pages that both put into their RAM files.
+	for _, e := range b.eventsOf(EventCloneRunning) {
+		if e.Via != "multicast" {
+			t.Errorf("clone %d got its descriptor by %s", e.K, e.Via)
+		}
+	}
+	sender := b.hosts[0].McastStats()
+	t.Logf("multicast: h1 %+v, h2 %+v", sender, b.hosts[1].McastStats())
+	if sender.SessionsSent != 1 || sender.DescriptorsSent != 1 || sender.PagesPushed == 0 {
+		t.Errorf("h1 sent %+v", sender)
+	}
+	for i, d := range b.hosts {
+		if st := d.McastStats(); st.DescriptorsReceived != 1 || st.PagesReceived == 0 || st.Fallbacks != 0 {
+			t.Errorf("h%d received %+v", i+1, st)
+		}
+	}
+	if !strings.Contains(metrics, "sf_host_mcast_pages_pushed_total") {
+		t.Error("no multicast metrics")
+	}
+}
+
+// TestMcastFallback: a clone host without multicast, beside one with it,
+// gets its descriptor and pages by unicast; the other by multicast.
+func TestMcastFallback(t *testing.T) {
+	requireFUSE(t)
+	b := newBed(t, 2, withoutMcast(1))
+	vm, console := b.runVM(fmt.Sprintf(cloneWorkload, 2), 256, 3*time.Minute)
+	if !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
+		t.Fatalf("parent console:\n%s", console)
+	}
+	ts, _, _ := b.c.Tickets(context.Background(), vm.ID, nil)
+	tv, _, _ := b.c.Ticket(context.Background(), ts[0].ID, nil)
+	for _, cl := range tv.Clones {
+		if cl.State != fsm.CloneExited || cl.Status != cl.K {
+			t.Errorf("clone %+v", cl)
+		}
+	}
+	via := map[string]string{}
+	for _, e := range b.eventsOf(EventCloneRunning) {
+		for _, cl := range tv.Clones {
+			if cl.VMID == e.VM {
+				via[cl.Host] = e.Via
+			}
+		}
+	}
+	if via["h1"] != "multicast" || via["h2"] != "unicast" {
+		t.Errorf("descriptors came %v; want multicast to h1, unicast to h2 (no multicast there)", via)
+	}
+	if st := b.hosts[1].McastStats(); st != (McastStats{}) {
+		t.Errorf("h2 without multicast: %+v", st)
 	}
 }
 
@@ -370,4 +463,17 @@ func TestCloneOfClone(t *testing.T) {
 		t.Errorf("the clone's join output %q does not show the grandchild on %s", cl.Result, g.Host)
 	}
 	t.Logf("grandchild on %s: %s", g.Host, g.Result)
+}
+
+// eventsOf returns the bed's events of a kind.
+func (b *bed) eventsOf(kind string) []Event {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []Event
+	for _, e := range b.events {
+		if e.Kind == kind {
+			out = append(out, e)
+		}
+	}
+	return out
 }

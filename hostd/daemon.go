@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"sort"
 	"strconv"
@@ -88,6 +89,22 @@ type Config struct {
 	// clone here starts, instead of on demand (a baseline for benchmarks,
 	// and for hypervisors that cannot fault memory in lazily).
 	EagerRestore bool
+	// McastAddr, if set, is this host's IPv4 address on the interface it
+	// multicasts on: the descriptors and memory of its parents' clones go
+	// to the clones' hosts by multicast there, and it joins the sessions
+	// of its own clones. Multicast never follows the default route.
+	McastAddr netip.Addr
+	// McastPort is the UDP port of every session (DefaultMcastPort); it
+	// must be the same on every host.
+	McastPort uint16
+	// McastMTU is the path MTU of the multicast interface (1500).
+	McastMTU int
+	// McastRate caps the bytes per second of a session's memory pushes
+	// (DefaultMcastRate; negative: no cap).
+	McastRate int64
+	// McastWait is how long a clone host waits for a descriptor by
+	// multicast before it fetches it by unicast (DefaultMcastWait).
+	McastWait time.Duration
 	// OnEvent, if set, is called with clone life-cycle events, from the
 	// daemon's goroutines; it must not block.
 	OnEvent func(Event)
@@ -109,6 +126,8 @@ type Event struct {
 	// For EventSourceClosed: what the descriptor's RAM file fetched.
 	Pages *lazyram.Stats
 	Err   string
+	// For EventCloneRunning: how the descriptor came, unicast or multicast.
+	Via string
 }
 
 // Event kinds.
@@ -150,6 +169,9 @@ type Daemon struct {
 	consoles map[uint64]string // console logs of every VM this run started, kept after it ends
 	snaps    map[string]*localSnap
 	sources  map[uint64]*source
+	catchers map[uint64]*catcher // multicast sessions of tickets with clones here
+
+	mcast mcastStats
 
 	stop       chan struct{}
 	stopCtx    context.Context // cancelled with stop
@@ -164,6 +186,7 @@ type localVM struct {
 	spec     VMSpec
 	run      RunningVM
 	src      *source // a clone's descriptor
+	cat      *catcher
 	channel  *GuestChannel
 	cancel   context.CancelFunc
 	started  time.Time
@@ -187,6 +210,9 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
+	if err := cfg.mcastDefaults(); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("hostd: data dir: %w", err)
 	}
@@ -200,7 +226,8 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger, hv: hv, coord: coord, vms: map[uint64]*localVM{},
 		starting: map[uint64]bool{}, consoles: map[uint64]string{}, snaps: map[string]*localSnap{},
-		sources: map[uint64]*source{}, stop: make(chan struct{}), httpc: &http.Client{Timeout: time.Minute}}
+		sources: map[uint64]*source{}, catchers: map[uint64]*catcher{}, stop: make(chan struct{}),
+		httpc: &http.Client{Timeout: time.Minute}}
 	d.stopCtx, d.cancelStop = context.WithCancel(context.Background())
 	if d.ln, err = net.Listen("tcp", cfg.APIAddr); err != nil {
 		return nil, fmt.Errorf("hostd: api listen: %w", err)
@@ -210,7 +237,8 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 		return nil, fmt.Errorf("hostd: api address %s is unspecified; bind a reachable address", cfg.APIAddr)
 	}
 	if cfg.MemserverAddr != "" {
-		if d.ms, err = memserver.New(memserver.Config{Listen: cfg.MemserverAddr, Logger: d.log.Named("memserver")}); err != nil {
+		if d.ms, err = memserver.New(memserver.Config{Listen: cfg.MemserverAddr, Logger: d.log.Named("memserver"),
+			OnServe: d.onServe}); err != nil {
 			d.ln.Close()
 			return nil, fmt.Errorf("hostd: %w", err)
 		}
@@ -222,7 +250,7 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 	}
 	d.gossip, err = gossip.New(gossip.Config{Name: cfg.NodeID, BindAddr: cfg.GossipAddr, AdvertiseAddr: cfg.GossipAdvertise,
 		Key: cfg.GossipKey, Logger: d.log.Named("gossip"),
-		Meta: gossip.Meta{Role: gossip.RoleHost, API: d.APIAddr(), Slots: cfg.Slots, MemMB: cfg.MemMB}})
+		Meta: gossip.Meta{Role: gossip.RoleHost, API: d.APIAddr(), Mcast: mcastMeta(cfg.McastAddr), Slots: cfg.Slots, MemMB: cfg.MemMB}})
 	if err != nil {
 		d.ln.Close()
 		if d.ms != nil {
@@ -366,7 +394,7 @@ func (d *Daemon) launch(ctx context.Context, vm fsm.VM) {
 		d.endVM(vm.ID, fmt.Sprintf("host %s could not start it: %v", d.cfg.NodeID, err))
 		return
 	}
-	d.adopt(vm.ID, run, spec, start, nil, nil, log)
+	d.adopt(vm.ID, run, spec, start, nil, nil, nil, log)
 	if _, err := d.coord.VMStarted(ctx, vm.ID); err != nil {
 		log.Warn("could not report the VM started", "error", err)
 	}
@@ -379,11 +407,12 @@ func vmName(id uint64) string { return "vm-" + strconv.FormatUint(id, 10) }
 // adopt makes a started VM one of this daemon's: it serves its guest
 // channel (first sending greet, the answers a clone owes its guest) and
 // reports its end.
-func (d *Daemon) adopt(id uint64, run RunningVM, spec VMSpec, start time.Time, src *source, greet []*guestchan.Response,
-	log hclog.Logger) *localVM {
+func (d *Daemon) adopt(id uint64, run RunningVM, spec VMSpec, start time.Time, src *source, cat *catcher,
+	greet []*guestchan.Response, log hclog.Logger) *localVM {
 	cctx, cancel := context.WithCancel(context.Background())
-	lv := &localVM{id: id, spec: spec, run: run, src: src, cancel: cancel, started: start}
+	lv := &localVM{id: id, spec: spec, run: run, src: src, cat: cat, cancel: cancel, started: start}
 	lv.channel = &GuestChannel{VMID: id, Host: d.cfg.NodeID, Coord: d.coord, Capturer: d, Greeting: greet, Log: log,
+		OnCreateClones: d.clonesCreated,
 		OnReady: func() {
 			d.mu.Lock()
 			if lv.bootMS == 0 {
@@ -434,6 +463,7 @@ func (d *Daemon) await(lv *localVM, log hclog.Logger) {
 		fetchErr = lv.src.failure()
 		d.put(lv.src)
 	}
+	d.leaveSession(lv.cat)
 	switch {
 	case stopping:
 	case fetchErr != nil:
@@ -646,6 +676,7 @@ func (d *Daemon) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	for _, f := range faults {
 		b.WriteString(f)
 	}
+	d.mcast.write(&b)
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	_, _ = io.WriteString(w, b.String())
 	if d.ms != nil {

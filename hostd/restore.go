@@ -48,6 +48,7 @@ type source struct {
 	err        error // set before ready closes
 
 	desc    *descriptor.Descriptor
+	via     string // how the descriptor came: unicast or multicast
 	devPath string
 	lazyID  string
 	ramPath string
@@ -84,7 +85,10 @@ func (s *source) failure() error {
 
 // acquire returns the source of a descriptor, preparing it on first use.
 // Release it with put.
-func (d *Daemon) acquire(ctx context.Context, id uint64) (*source, error) {
+//
+// cat, if not nil, is the multicast session of the ticket the clone is of:
+// the descriptor may come that way, and pushed pages go into the source.
+func (d *Daemon) acquire(ctx context.Context, id uint64, cat *catcher) (*source, error) {
 	d.mu.Lock()
 	src, ok := d.sources[id]
 	if !ok {
@@ -94,7 +98,7 @@ func (d *Daemon) acquire(ctx context.Context, id uint64) (*source, error) {
 	src.refs++
 	d.mu.Unlock()
 	if !ok {
-		src.err = d.prepare(ctx, src)
+		src.err = d.prepare(ctx, src, cat)
 		close(src.ready)
 	} else {
 		select {
@@ -107,6 +111,9 @@ func (d *Daemon) acquire(ctx context.Context, id uint64) (*source, error) {
 	if src.err != nil {
 		d.put(src)
 		return nil, src.err
+	}
+	if cat != nil {
+		cat.setSource(src)
 	}
 	return src, nil
 }
@@ -142,7 +149,7 @@ func (d *Daemon) closeSource(src *source) {
 
 // prepare fetches a descriptor from its parent's host, checks it against
 // what raft recorded, and sets up the RAM file its clones map.
-func (d *Daemon) prepare(ctx context.Context, src *source) error {
+func (d *Daemon) prepare(ctx context.Context, src *source, cat *catcher) error {
 	meta, _, err := d.coord.Descriptor(ctx, src.id, nil)
 	if err != nil {
 		return fmt.Errorf("descriptor %d: %w", src.id, err)
@@ -152,9 +159,24 @@ func (d *Daemon) prepare(ctx context.Context, src *source) error {
 	if err != nil {
 		return fmt.Errorf("host %s of descriptor %d: %w", meta.Host, src.id, err)
 	}
-	blob, capab, memID, err := d.fetchDescriptor(ctx, host.APIAddr, meta)
-	if err != nil {
-		return fmt.Errorf("descriptor %d from %s: %w", src.id, meta.Host, err)
+	var blob []byte
+	var capab memserver.Capability
+	var memID string
+	src.via = "unicast"
+	if cat != nil && host.McastAddr != "" {
+		env, err := d.mcastDescriptor(ctx, cat, meta)
+		if err == nil {
+			blob, capab, memID, src.via = env.blob, env.capability, env.memID, "multicast"
+			d.mcast.descriptorsRecvd.Add(1)
+		} else {
+			d.mcast.fallbacks.Add(1)
+			d.log.Warn("descriptor not received by multicast; fetching it by unicast", "descriptor", src.id, "error", err)
+		}
+	}
+	if blob == nil {
+		if blob, capab, memID, err = d.fetchDescriptor(ctx, host.APIAddr, meta); err != nil {
+			return fmt.Errorf("descriptor %d from %s: %w", src.id, meta.Host, err)
+		}
 	}
 	desc, err := descriptor.Parse(blob)
 	if err != nil {
@@ -307,8 +329,10 @@ func (d *Daemon) restoreClone(vm fsm.VM) {
 		fail(fmt.Errorf("ticket %d has no descriptor", vm.Ticket))
 		return
 	}
-	src, err := d.acquire(ctx, t.Descriptor)
+	cat := d.joinSession(t)
+	src, err := d.acquire(ctx, t.Descriptor, cat)
 	if err != nil {
+		d.leaveSession(cat)
 		fail(err)
 		return
 	}
@@ -318,10 +342,11 @@ func (d *Daemon) restoreClone(vm fsm.VM) {
 	run, err := d.hv.(Restorer).Restore(ctx, spec, RestoreSource{Meta: m, DeviceStatePath: src.devPath, RAMPath: src.ramPath})
 	if err != nil {
 		d.put(src)
+		d.leaveSession(cat)
 		fail(err)
 		return
 	}
-	lv := d.adopt(vm.ID, run, spec, start, src, greeting(m, vm, src.checkpoint), log)
+	lv := d.adopt(vm.ID, run, spec, start, src, cat, greeting(m, vm, src.checkpoint), log)
 	if _, err := d.coord.SetCloneState(ctx, vm.ID, api.CloneStateRequest{State: fsm.CloneRunning}); err != nil {
 		// Killed or failed meanwhile (or the cluster is unreachable for
 		// minutes): this clone must not run unaccounted for.
@@ -329,7 +354,7 @@ func (d *Daemon) restoreClone(vm fsm.VM) {
 		d.destroy(lv.id, "could not report it running: "+err.Error())
 		return
 	}
-	d.emit(Event{Kind: EventCloneRunning, VM: vm.ID, Ticket: vm.Ticket, K: vm.CloneID, Descriptor: src.id})
+	d.emit(Event{Kind: EventCloneRunning, VM: vm.ID, Ticket: vm.Ticket, K: vm.CloneID, Descriptor: src.id, Via: src.via})
 	log.Info("clone running", "after", time.Since(start).Round(time.Millisecond), "descriptor", src.id)
 }
 

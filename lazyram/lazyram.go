@@ -272,6 +272,15 @@ func (f *FS) Insert(id string, p Page) error {
 	return sf.store([]Page{p}, true)
 }
 
+// InsertPages is Insert for several pages at once.
+func (f *FS) InsertPages(id string, pages []Page) error {
+	sf, err := f.file(id)
+	if err != nil {
+		return err
+	}
+	return sf.store(pages, true)
+}
+
 // Fill fetches every data page of a snapshot that is not present yet, in
 // batches of batch pages with up to workers fetches at once: an eager
 // restore, or a warm-up before clones start.

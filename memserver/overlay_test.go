@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"testing"
 )
@@ -99,5 +100,46 @@ func TestOverlay(t *testing.T) {
 		if _, err := s.Register(spec); err == nil {
 			t.Errorf("Register %s with only one of Base and Own succeeded", spec.ID)
 		}
+	}
+}
+
+// TestReadPagesAndOnServe: the in-process read answers what a client
+// would get, and OnServe hears every run a client was served.
+func TestReadPagesAndOnServe(t *testing.T) {
+	sf := writeSnapshot(t, t.TempDir(), "ram", 300, 21)
+	var mu sync.Mutex
+	served := map[uint64]int{}
+	s := startServer(t, Config{OnServe: func(id string, first uint64, count int) {
+		mu.Lock()
+		defer mu.Unlock()
+		if id == "r" {
+			for p := first; p < first+uint64(count); p++ {
+				served[p]++
+			}
+		}
+	}})
+	c := register(t, s, "r", sf)
+	want := []uint64{0, 1, 2, 7, 100, 101, 299}
+	got, err := s.ReadPages("r", want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checkPages(sf, want, got); err != nil {
+		t.Fatal(err)
+	}
+	cl := dial(t, ClientConfig{}, s, "r", c)
+	if _, err := cl.Fetch(context.Background(), []uint64{5, 6, 7, 50}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	if len(served) != 4 || served[5] != 1 || served[50] != 1 {
+		t.Errorf("OnServe heard %v", served)
+	}
+	mu.Unlock()
+	if _, err := s.ReadPages("r", []uint64{300}); err == nil {
+		t.Error("ReadPages beyond the snapshot succeeded")
+	}
+	if _, err := s.ReadPages("nope", []uint64{1}); !errors.Is(err, ErrUnknownSnapshot) {
+		t.Errorf("ReadPages of an unknown snapshot: %v", err)
 	}
 }

@@ -37,6 +37,10 @@ type Config struct {
 	// WriteTimeout bounds the writing of one response (default 30 s); a
 	// client that does not read is disconnected.
 	WriteTimeout time.Duration
+	// OnServe, if set, is told of every run of pages a client was served:
+	// the host multicasts them to the other hosts of the snapshot's clones.
+	// It is called on the serving goroutine and must not block.
+	OnServe func(snapshot string, first uint64, count int)
 }
 
 // maxConnInFlight is the most requests served at once for one connection;
@@ -452,10 +456,57 @@ func (c *serverConn) buildResponse(b []byte, req request) ([]byte, bool) {
 		b = b[:start]
 		return fail(statusReadError, "reading snapshot %s: %v", snap.id, err)
 	}
+	if h := c.s.cfg.OnServe; h != nil {
+		for _, pr := range req.ranges {
+			h(snap.id, pr.first, int(pr.count))
+		}
+	}
 	m := &c.s.metrics
 	m.dataPages.Add(uint64(nData))
 	m.zeroPages.Add(uint64(n - nData))
 	m.holePages.Add(uint64(nHoles))
 	m.dataBytes.Add(uint64(nData * PageSize))
 	return finishFrame(b[:kindsAt+n+nData*PageSize], start), false
+}
+
+// ReadPages reads pages of a registered snapshot in this process, as a
+// request would (zero pages come back Zero, without data): for pushing a
+// snapshot's pages by other means than the protocol.
+func (s *Server) ReadPages(id string, pages []uint64) ([]Page, error) {
+	snap := s.lookup(id)
+	if snap == nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownSnapshot, id)
+	}
+	var ranges []pageRange
+	for _, p := range pages {
+		if n := len(ranges); n > 0 && ranges[n-1].first+uint64(ranges[n-1].count) == p && ranges[n-1].count < 1<<20 {
+			ranges[n-1].count++
+		} else {
+			ranges = append(ranges, pageRange{first: p, count: 1})
+		}
+	}
+	if !snap.inRange(ranges) {
+		return nil, fmt.Errorf("memserver: pages beyond snapshot %s's %d", id, snap.pages)
+	}
+	if !snap.acquire() {
+		return nil, fmt.Errorf("%w: %q released", ErrUnknownSnapshot, id)
+	}
+	defer snap.unref()
+	kinds := make([]byte, len(pages))
+	data := make([]byte, len(pages)*PageSize)
+	if _, _, err := snap.readPages(ranges, kinds, data); err != nil {
+		return nil, fmt.Errorf("memserver: reading snapshot %s: %w", id, err)
+	}
+	out := make([]Page, len(pages))
+	d := 0
+	for i, p := range pages {
+		out[i].Num = p
+		if kinds[i] == kindZero {
+			out[i].Zero = true
+			continue
+		}
+		out[i].Data = data[d*PageSize : (d+1)*PageSize : (d+1)*PageSize]
+		d++
+	}
+	return out, nil
 }

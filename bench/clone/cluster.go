@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -84,7 +86,20 @@ type cluster struct {
 // startCluster starts a cluster under root. With eager set, every host
 // fetches a descriptor's whole memory before its first clone starts
 // (hostd.Config.EagerRestore). The caller must call shutdown, also on error.
-func startCluster(ctx context.Context, root string, im *image.Image, eager bool, log hclog.Logger) (*cluster, error) {
+func startCluster(ctx context.Context, root string, im *image.Image, mode string, log hclog.Logger) (*cluster, error) {
+	eager := mode == "eager"
+	var mcastAddr netip.Addr
+	var mcastPort uint16
+	if mode == "mcast" {
+		// Loopback, named explicitly: the hosts of this process share it.
+		mcastAddr = netip.MustParseAddr("127.0.0.1")
+		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		mcastPort = uint16(pc.LocalAddr().(*net.UDPAddr).Port)
+		pc.Close()
+	}
 	c := &cluster{dirs: map[string]string{}, events: &recorder{}, log: log}
 	var err error
 	c.coord, err = coordinator.New(coordinator.Config{NodeID: "c1", DataDir: filepath.Join(root, "coord"),
@@ -110,7 +125,7 @@ func startCluster(ctx context.Context, root string, im *image.Image, eager bool,
 		d, err := hostd.New(hostd.Config{NodeID: name, DataDir: dir, GossipAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
 			MemserverAddr: "127.0.0.1:0", Join: []string{c.coord.GossipAddr()}, Coordinators: []string{c.coord.HTTPAddr()},
 			Slots: slotsPerHost, MemMB: hostMemMB, Kernel: im.Kernel, Initrd: im.Initrd,
-			PageCacheDir: filepath.Join(hv.RAMDir, "pages"), EagerRestore: eager,
+			PageCacheDir: filepath.Join(hv.RAMDir, "pages"), EagerRestore: eager, McastAddr: mcastAddr, McastPort: mcastPort,
 			OnEvent: c.events.onEvent(name), Logger: log.Named(name)}, hv)
 		if err != nil {
 			return c, fmt.Errorf("host %s: %w", name, err)

@@ -171,7 +171,7 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) error {
 	for i, s := range o.sizes {
 		res[s] = newSizeResult(s, o.data[i], o.runs[i])
 	}
-	err = withCluster(ctx, filepath.Join(root, "lazy"), im, false, log, p, func(c *cluster) error {
+	err = withCluster(ctx, filepath.Join(root, "lazy"), im, "lazy", log, p, func(c *cluster) error {
 		for i, s := range o.sizes {
 			order := repeat(o.ns, o.runs[i])
 			runs, err := c.cloneSeries(ctx, p, fmt.Sprintf("[%d MiB lazy]", s), s, o.data[i], order)
@@ -200,7 +200,21 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	err = withCluster(ctx, filepath.Join(root, "eager"), im, true, log, p, func(c *cluster) error {
+	err = withCluster(ctx, filepath.Join(root, "mcast"), im, "mcast", log, p, func(c *cluster) error {
+		for i, s := range o.sizes {
+			order := repeat(o.ns, o.runs[i])
+			runs, err := c.cloneSeries(ctx, p, fmt.Sprintf("[%d MiB mcast]", s), s, o.data[i], order)
+			if err != nil {
+				return fmt.Errorf("%d MiB multicast clones: %w", s, err)
+			}
+			res[s].addMcast(runs, o.pagesN)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	err = withCluster(ctx, filepath.Join(root, "eager"), im, "eager", log, p, func(c *cluster) error {
 		for i, s := range o.sizes {
 			order := repeat(o.eagerN, o.runs[i])
 			runs, err := c.cloneSeries(ctx, p, fmt.Sprintf("[%d MiB eager]", s), s, o.data[i], order)
@@ -221,7 +235,9 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) error {
 			"Each size runs one parent that loads the dataset once and clones runs×len(N) times in turn " +
 			"(N = 1,2,4,8 interleaved), joining each ticket before the next. pages_fetched_per_clone and fault_us " +
 			"are for N = pages_n: lazyram pages fetched over all hosts / N, and the durations of its page-source " +
-			"calls. cold_boot_ms: N VMs created at once (spread over the hosts) until each console shows LOADED."}
+			"calls. mcast_*: the lazy series again with multicast on loopback (descriptor and page pushes, " +
+			"1500-byte MTU, pushes capped at 100 MiB/s); mcast_pages_fetched_per_clone are the pages still fetched " +
+			"by unicast, mcast_pages_received_per_host those that arrived by multicast. cold_boot_ms: N VMs created at once (spread over the hosts) until each console shows LOADED."}
 	for _, s := range o.sizes {
 		res[s].ratios()
 		doc[strconv.Itoa(s)] = res[s]
@@ -243,13 +259,9 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) error {
 }
 
 // withCluster runs f on a fresh cluster and always shuts it down.
-func withCluster(ctx context.Context, root string, im *image.Image, eager bool, log hclog.Logger, p *progress,
+func withCluster(ctx context.Context, root string, im *image.Image, mode string, log hclog.Logger, p *progress,
 	f func(*cluster) error) error {
-	mode := "lazy"
-	if eager {
-		mode = "eager"
-	}
-	c, err := startCluster(ctx, root, im, eager, log)
+	c, err := startCluster(ctx, root, im, mode, log)
 	defer func() {
 		c.shutdown()
 		p.printf("%s cluster shut down", mode)

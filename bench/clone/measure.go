@@ -33,7 +33,9 @@ type ticketRun struct {
 	Closed     int // hosts whose source of the descriptor closed
 	// Summed over the hosts' sources of the descriptor.
 	PagesFetched, Fetches, ZeroPages uint64
+	Inserted                         uint64 // pages that came by multicast
 	FetchMicros                      []int64
+	Via                              map[string]int // how the clones' descriptors came
 }
 
 // cloneMS is from the clone call to the last clone running.
@@ -54,7 +56,7 @@ func collect(events []hostEvent) map[uint64]*ticketRun {
 	runs := map[uint64]*ticketRun{}
 	get := func(id uint64) *ticketRun {
 		if runs[id] == nil {
-			runs[id] = &ticketRun{Ticket: id, Hosts: map[string]int{}}
+			runs[id] = &ticketRun{Ticket: id, Hosts: map[string]int{}, Via: map[string]int{}}
 		}
 		return runs[id]
 	}
@@ -70,6 +72,7 @@ func collect(events []hostEvent) map[uint64]*ticketRun {
 			t := get(e.Ticket)
 			t.Running = append(t.Running, e.Time)
 			t.Hosts[e.Host]++
+			t.Via[e.Via]++
 			t.Descriptor = e.Descriptor
 			byDesc[e.Descriptor] = t
 		case hostd.EventCloneFailed:
@@ -86,6 +89,7 @@ func collect(events []hostEvent) map[uint64]*ticketRun {
 		t.PagesFetched += e.Pages.PagesFetched
 		t.Fetches += e.Pages.Fetches
 		t.ZeroPages += e.Pages.ZeroPages
+		t.Inserted += e.Pages.Inserted
 		t.FetchMicros = append(t.FetchMicros, e.Pages.FetchMicros...)
 	}
 	return runs

@@ -37,6 +37,16 @@ type sizeResult struct {
 	EagerPhasesMS map[string]phaseMS   `json:"eager_phases_ms"`
 	EagerJoinMS   map[string]float64   `json:"eager_call_to_join_ms"`
 
+	// The lazy series with multicast (descriptors and page pushes).
+	McastMS               map[string]float64   `json:"mcast_clone_ms"`
+	McastMSAll            map[string][]float64 `json:"mcast_clone_ms_all"`
+	McastPhasesMS         map[string]phaseMS   `json:"mcast_clone_phases_ms"`
+	McastJoinMS           map[string]float64   `json:"mcast_call_to_join_ms"`
+	McastPagesPerClone    float64              `json:"mcast_pages_fetched_per_clone"`
+	McastPagesPerCloneByN map[string]float64   `json:"mcast_pages_fetched_per_clone_by_n"`
+	McastReceivedPerHost  map[string]float64   `json:"mcast_pages_received_per_host_by_n"`
+	McastDescriptors      map[string]int       `json:"mcast_descriptors_by_way"`
+
 	// Memory on demand, for the clone operations with PagesN clones.
 	PagesN               int                `json:"pages_n"`
 	PagesFetchedPerClone float64            `json:"pages_fetched_per_clone"`
@@ -120,6 +130,25 @@ func (r *sizeResult) addLazy(runs []*ticketRun, pagesN int) {
 	}
 }
 
+// addMcast records the clone series with multicast.
+func (r *sizeResult) addMcast(runs []*ticketRun, pagesN int) {
+	r.McastMS, r.McastMSAll, r.McastPhasesMS, r.McastJoinMS = byN(runs)
+	pages, recv := map[int][]float64{}, map[int][]float64{}
+	r.McastPagesPerCloneByN, r.McastReceivedPerHost, r.McastDescriptors = map[string]float64{}, map[string]float64{}, map[string]int{}
+	for _, t := range runs {
+		pages[t.N] = append(pages[t.N], float64(t.PagesFetched)/float64(t.N))
+		recv[t.N] = append(recv[t.N], float64(t.Inserted)/float64(len(t.Hosts)))
+		for way, n := range t.Via {
+			r.McastDescriptors[way] += n
+		}
+	}
+	for n, v := range pages {
+		r.McastPagesPerCloneByN[strconv.Itoa(n)] = median(v)
+		r.McastReceivedPerHost[strconv.Itoa(n)] = median(recv[n])
+	}
+	r.McastPagesPerClone = r.McastPagesPerCloneByN[strconv.Itoa(pagesN)]
+}
+
 // addEager records an eager clone series.
 func (r *sizeResult) addEager(runs []*ticketRun) {
 	r.EagerMS, r.EagerMSAll, r.EagerPhasesMS, r.EagerJoinMS = byN(runs)
@@ -142,6 +171,10 @@ func (r *sizeResult) ratios() {
 	div("clone_8_over_clone_1", r.CloneMS["8"], r.CloneMS["1"])
 	div("eager_1_over_clone_1", r.EagerMS["1"], r.CloneMS["1"])
 	div("eager_8_over_clone_8", r.EagerMS["8"], r.CloneMS["8"])
+	div("mcast_8_over_mcast_1", r.McastMS["8"], r.McastMS["1"])
+	div("mcast_1_over_clone_1", r.McastMS["1"], r.CloneMS["1"])
+	div("mcast_8_over_clone_8", r.McastMS["8"], r.CloneMS["8"])
+	div("mcast_fetched_over_unicast_fetched", r.McastPagesPerClone, r.PagesFetchedPerClone)
 }
 
 // byN groups clone operations by N: median clone time, phases and time to
@@ -203,6 +236,9 @@ func printTable(w io.Writer, sizes []int, res map[int]*sizeResult) {
 	for _, n := range []string{"1", "2", "4", "8"} {
 		row("clone ms N="+n, func(r *sizeResult) string { return num(r.CloneMS[n]) })
 	}
+	for _, n := range []string{"1", "2", "4", "8"} {
+		row("mcast clone ms N="+n, func(r *sizeResult) string { return num(r.McastMS[n]) })
+	}
 	for _, n := range []string{"1", "8"} {
 		row("eager ms N="+n, func(r *sizeResult) string { return num(r.EagerMS[n]) })
 	}
@@ -220,10 +256,18 @@ func printTable(w io.Writer, sizes []int, res map[int]*sizeResult) {
 	})
 	row("parent touched pages", func(r *sizeResult) string { return num(r.ParentTouchedPages) })
 	row("fetched/touched", func(r *sizeResult) string { return num(r.FetchedOverTouched) })
+	row("mcast: unicast pages/clone", func(r *sizeResult) string {
+		return fmt.Sprintf("%s (N=%d)", num(r.McastPagesPerClone), r.PagesN)
+	})
+	row("mcast: pushed pages/host N=4", func(r *sizeResult) string { return num(r.McastReceivedPerHost["4"]) })
+	for _, n := range []string{"1", "2", "4", "8"} {
+		row("mcast call to join ms N="+n, func(r *sizeResult) string { return num(r.McastJoinMS[n]) })
+	}
 	row("fault us p50/p99", func(r *sizeResult) string { return num(r.FaultUS.P50) + " / " + num(r.FaultUS.P99) })
 	row("cold1/clone1", func(r *sizeResult) string { return num(r.Ratios["cold_boot_1_over_clone_1"]) })
 	row("cold8/clone8", func(r *sizeResult) string { return num(r.Ratios["cold_boot_8_over_clone_8"]) })
 	row("clone8/clone1", func(r *sizeResult) string { return num(r.Ratios["clone_8_over_clone_1"]) })
+	row("mcast8/mcast1", func(r *sizeResult) string { return num(r.Ratios["mcast_8_over_mcast_1"]) })
 	_ = tw.Flush()
 }
 

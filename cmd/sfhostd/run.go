@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -133,6 +135,11 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.MemserverAddr, "memserver-addr", "127.0.0.1:7501", "address that serves this host's frozen VM memory to clone hosts (\"\" disables cloning from here)")
 	fs.IntVar(&cfg.Readahead, "readahead", 0, "pages fetched along with each page a clone faults on (default 31)")
 	fs.DurationVar(&cfg.FetchTimeout, "fetch-timeout", 0, "give up on a clone's page fetch after this long (default 60s)")
+	mcastAddr := fs.String("mcast-addr", "", "this host's IPv4 address on the interface to multicast descriptors and memory on (\"\" turns multicast off; it never follows the default route)")
+	mcastPort := fs.Uint16("mcast-port", hostd.DefaultMcastPort, "UDP port of the multicast sessions (the same on every host)")
+	fs.IntVar(&cfg.McastMTU, "mcast-mtu", 1500, "path MTU of the multicast interface")
+	mcastRate := fs.String("mcast-rate", "100MiB", "cap on the bytes per second of a session's memory pushes (0: no cap)")
+	fs.DurationVar(&cfg.McastWait, "mcast-wait", hostd.DefaultMcastWait, "wait this long for a descriptor by multicast before fetching it by unicast")
 	img.register(fs)
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	logJSON := fs.Bool("log-json", false, "log in JSON")
@@ -166,6 +173,22 @@ func runAgent(args []string, stderr io.Writer) error {
 		acc = qemuctl.Accel(*accel)
 	default:
 		return usagef("agent: --accel must be auto, kvm or tcg")
+	}
+	if *mcastAddr != "" {
+		a, err := netip.ParseAddr(*mcastAddr)
+		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsMulticast() {
+			return usagef("agent: --mcast-addr must be a unicast IPv4 address of this host")
+		}
+		cfg.McastAddr = a
+	}
+	cfg.McastPort = *mcastPort
+	rate, err := parseBytes(*mcastRate)
+	if err != nil || cfg.McastMTU < 576 || cfg.McastMTU > 65535 || cfg.McastWait < 0 || *mcastPort == 0 {
+		return usagef("agent: --mcast-rate must be a size like 100MiB, --mcast-mtu 576..65535, --mcast-port nonzero, --mcast-wait not negative")
+	}
+	cfg.McastRate = rate
+	if rate == 0 {
+		cfg.McastRate = -1 // no cap
 	}
 	if cfg.Readahead < 0 || cfg.Readahead > 1024 || cfg.FetchTimeout < 0 {
 		return usagef("agent: --readahead must be 0..1024 and --fetch-timeout not negative")
@@ -213,4 +236,23 @@ func runAgent(args []string, stderr io.Writer) error {
 	sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer scancel()
 	return d.Shutdown(sctx)
+}
+
+// parseBytes parses a byte count with an optional binary unit: 512, 64KiB,
+// 100MiB, 1GiB.
+func parseBytes(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"B", 1}, {"", 1}}
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			n, err := strconv.ParseInt(num, 10, 64)
+			if err != nil || n < 0 || n > (1<<62)/u.mult {
+				return 0, fmt.Errorf("bad size %q", s)
+			}
+			return n * u.mult, nil
+		}
+	}
+	return 0, fmt.Errorf("bad size %q", s)
 }

@@ -57,13 +57,14 @@ func (c *Cluster) StartHost(bin, id string, extra ...string) (*Host, error) {
 }
 
 // StartHostIn starts an sfhostd agent in a network namespace: its
-// addresses are ip with fixed ports (the namespace has its own), and its
-// command runs under ip netns exec.
+// addresses are ip with fixed ports (the namespace has its own), it
+// multicasts on ip's interface, and its command runs under ip netns exec.
 func (c *Cluster) StartHostIn(bin, id, netns, ip string, extra ...string) (*Host, error) {
 	h := &Host{ID: id, DataDir: filepath.Join(c.Dir, id), LogPath: filepath.Join(c.Dir, id+".log"),
 		APIAddr: ip + ":7500", GossipAddr: ip + ":7946", MemserverAddr: ip + ":7501",
 		Wrap: []string{"ip", "netns", "exec", netns}}
-	return h, c.RestartHost(bin, h, extra...)
+	// Namespaced hosts share a bridge: they multicast on it.
+	return h, c.RestartHost(bin, h, append([]string{"--mcast-addr", ip}, extra...)...)
 }
 
 // RestartHost starts h's daemon again with the same addresses and data dir.
