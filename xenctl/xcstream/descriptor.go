@@ -288,29 +288,30 @@ func (h LibxcHeader) check() error {
 	return nil
 }
 
-// checkRuns checks one PAGE_DATA record's entries.
-func checkRuns(runs []PageRun) error {
+// checkRuns checks one PAGE_DATA record's entries and returns how many
+// there are.
+func checkRuns(runs []PageRun) (uint64, error) {
 	if len(runs) == 0 {
-		return fmt.Errorf("%w: PAGE_DATA without entries", ErrBadRecord)
+		return 0, fmt.Errorf("%w: PAGE_DATA without entries", ErrBadRecord)
 	}
 	var count uint64
 	for i, r := range runs {
 		switch {
 		case r.Count == 0:
-			return fmt.Errorf("%w: PAGE_DATA run %d is empty", ErrBadRecord, i)
+			return 0, fmt.Errorf("%w: PAGE_DATA run %d is empty", ErrBadRecord, i)
 		case !PageTypeKnown(r.Type):
-			return fmt.Errorf("%w: page type %#x", ErrBadRecord, r.Type)
+			return 0, fmt.Errorf("%w: page type %#x", ErrBadRecord, r.Type)
 		case r.Zero && !PageTypeHasData(r.Type):
-			return fmt.Errorf("%w: zero flag on page type %#x, which carries no data", ErrBadRecord, r.Type)
+			return 0, fmt.Errorf("%w: zero flag on page type %#x, which carries no data", ErrBadRecord, r.Type)
 		case r.PFN > PFNMask || uint64(r.Count)-1 > PFNMask-r.PFN:
-			return fmt.Errorf("%w: PFNs %#x+%d beyond %#x", ErrBadRecord, r.PFN, r.Count, uint64(PFNMask))
+			return 0, fmt.Errorf("%w: PFNs %#x+%d beyond %#x", ErrBadRecord, r.PFN, r.Count, uint64(PFNMask))
 		}
 		count += uint64(r.Count)
 	}
 	if count > maxPageDataCount {
-		return fmt.Errorf("%w: PAGE_DATA of %d entries", ErrTooLarge, count)
+		return 0, fmt.Errorf("%w: PAGE_DATA of %d entries", ErrTooLarge, count)
 	}
-	return nil
+	return count, nil
 }
 
 // validate checks that the descriptor describes an image Split accepts
@@ -329,14 +330,19 @@ func (d *Descriptor) validate() error {
 	}
 	o := order{libxcVersion: d.Libxc.Version}
 	var data []PageRun
+	var entries uint64
 	for i := range d.Records {
 		rec := &d.Records[i]
 		if rec.isPageData() {
 			if rec.Body != nil {
 				return fmt.Errorf("%w: PAGE_DATA record %d has a verbatim body", ErrBadRecord, i)
 			}
-			if err := checkRuns(rec.Pages); err != nil {
+			n, err := checkRuns(rec.Pages)
+			if err != nil {
 				return fmt.Errorf("record %d: %w", i, err)
+			}
+			if entries += n; entries > MaxPagesCeiling {
+				return fmt.Errorf("%w: more than %d page entries", ErrTooLarge, uint64(MaxPagesCeiling))
 			}
 			for _, r := range rec.Pages {
 				if PageTypeHasData(r.Type) {

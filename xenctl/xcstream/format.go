@@ -229,8 +229,9 @@ type Limits struct {
 	// (default and ceiling RecordLengthMax).
 	MaxRecord uint32
 	// MaxPages is the most PFN entries over all PAGE_DATA records (default
-	// DefaultMaxPages). The descriptor holds them as runs: contiguous PFNs
-	// cost little, but a pathological stream costs 16 bytes an entry.
+	// DefaultMaxPages, ceiling MaxPagesCeiling). The descriptor holds them
+	// as runs: contiguous PFNs cost little, but a pathological stream costs
+	// 16 bytes an entry.
 	MaxPages uint64
 	// MaxPFN is the largest PFN an entry may name (default and ceiling
 	// PFNMask).
@@ -240,10 +241,13 @@ type Limits struct {
 	MaxMetadata uint64
 }
 
-// Defaults of Limits.
+// Defaults and ceilings of Limits.
 const (
 	DefaultMaxPages    = 1 << 26 // 256 GiB of guest memory
 	DefaultMaxMetadata = 256 << 20
+	// MaxPagesCeiling bounds the entries of any descriptor, split or
+	// unmarshalled: 16 TiB of guest memory.
+	MaxPagesCeiling = 1 << 32
 )
 
 func (l Limits) withDefaults() Limits {
@@ -253,6 +257,7 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxPages == 0 {
 		l.MaxPages = DefaultMaxPages
 	}
+	l.MaxPages = min(l.MaxPages, MaxPagesCeiling)
 	if l.MaxPFN == 0 || l.MaxPFN > PFNMask {
 		l.MaxPFN = PFNMask
 	}
