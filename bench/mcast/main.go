@@ -41,30 +41,34 @@ import (
 )
 
 type result struct {
-	ObjectMiB    int                  `json:"object_mib"`
-	Runs         int                  `json:"runs"`
-	McastMs      map[string]float64   `json:"mcast_ms"`
-	McastMsAll   map[string][]float64 `json:"mcast_ms_all"`
-	McastMBps    map[string]float64   `json:"mcast_mb_per_s"`
-	McastWire    map[string]float64   `json:"mcast_wire_bytes_per_payload"`
-	UnicastMs    map[string]float64   `json:"unicast_ms"`
-	UnicastMsAll map[string][]float64 `json:"unicast_ms_all"`
-	UnicastMBps  map[string]float64   `json:"unicast_mb_per_s"`
-	UnicastWire  map[string]float64   `json:"unicast_wire_bytes_per_payload"`
-	T8OverT1     float64              `json:"mcast_t8_over_t1"`
-	LossN        int                  `json:"loss1pct_members"`
-	LossExtra    float64              `json:"loss1pct_extra_bytes_ratio"`
-	LossExtraByN map[string]float64   `json:"loss1pct_extra_bytes_ratio_by_n"`
-	LossMsByN    map[string]float64   `json:"loss1pct_ms_by_n"`
-	LossRepairs  map[string]uint64    `json:"loss1pct_repair_packets_by_n"`
-	LossParity   map[string]uint64    `json:"loss1pct_parity_packets_by_n"`
-	LossUsed     map[string]uint64    `json:"loss1pct_parity_used_by_n"`
-	LossAllDone  bool                 `json:"loss1pct_all_completed"`
-	AllChecksums bool                 `json:"all_checksums_ok"`
-	Notes        string               `json:"notes"`
-	Machine      string               `json:"machine"`
-	Date         string               `json:"date"`
-	TotalSeconds float64              `json:"total_seconds"`
+	ObjectMiB     int                  `json:"object_mib"`
+	Runs          int                  `json:"runs"`
+	McastMs       map[string]float64   `json:"mcast_ms"`
+	McastMsAll    map[string][]float64 `json:"mcast_ms_all"`
+	McastMBps     map[string]float64   `json:"mcast_mb_per_s"`
+	McastWire     map[string]float64   `json:"mcast_wire_bytes_per_payload"`
+	UnicastMs     map[string]float64   `json:"unicast_ms"`
+	UnicastMsAll  map[string][]float64 `json:"unicast_ms_all"`
+	UnicastMBps   map[string]float64   `json:"unicast_mb_per_s"`
+	UnicastWire   map[string]float64   `json:"unicast_wire_bytes_per_payload"`
+	T8OverT1      float64              `json:"mcast_t8_over_t1"`
+	JumboMTU      int                  `json:"jumbo_mtu"`
+	JumboMs       map[string]float64   `json:"mcast_jumbo_ms"`
+	JumboMsAll    map[string][]float64 `json:"mcast_jumbo_ms_all"`
+	JumboT8OverT1 float64              `json:"jumbo_t8_over_t1"`
+	LossN         int                  `json:"loss1pct_members"`
+	LossExtra     float64              `json:"loss1pct_extra_bytes_ratio"`
+	LossExtraByN  map[string]float64   `json:"loss1pct_extra_bytes_ratio_by_n"`
+	LossMsByN     map[string]float64   `json:"loss1pct_ms_by_n"`
+	LossRepairs   map[string]uint64    `json:"loss1pct_repair_packets_by_n"`
+	LossParity    map[string]uint64    `json:"loss1pct_parity_packets_by_n"`
+	LossUsed      map[string]uint64    `json:"loss1pct_parity_used_by_n"`
+	LossAllDone   bool                 `json:"loss1pct_all_completed"`
+	AllChecksums  bool                 `json:"all_checksums_ok"`
+	Notes         string               `json:"notes"`
+	Machine       string               `json:"machine"`
+	Date          string               `json:"date"`
+	TotalSeconds  float64              `json:"total_seconds"`
 }
 
 func main() {
@@ -73,14 +77,15 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per N (medians are reported)")
 	ns := flag.String("n", "1,2,4,8", "member counts")
 	lossN := flag.Int("loss-n", 8, "member count of the headline 1% loss figure")
+	jumbo := flag.Int("jumbo-mtu", 9000, "MTU of the jumbo-frame series (0: none)")
 	flag.Parse()
-	if err := run(*out, *size, *runs, *ns, *lossN); err != nil {
+	if err := run(*out, *size, *runs, *ns, *lossN, *jumbo); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-mcast:", err)
 		os.Exit(1)
 	}
 }
 
-func run(out string, sizeMiB, runs int, nList string, lossN int) error {
+func run(out string, sizeMiB, runs int, nList string, lossN, jumboMTU int) error {
 	start := time.Now()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, unix.SIGTERM)
 	defer stop()
@@ -112,6 +117,7 @@ func run(out string, sizeMiB, runs int, nList string, lossN int) error {
 	res := result{ObjectMiB: sizeMiB, Runs: runs, AllChecksums: true, LossAllDone: true, LossN: lossN,
 		McastMs: map[string]float64{}, McastMsAll: map[string][]float64{}, McastMBps: map[string]float64{}, McastWire: map[string]float64{},
 		UnicastMs: map[string]float64{}, UnicastMsAll: map[string][]float64{}, UnicastMBps: map[string]float64{}, UnicastWire: map[string]float64{},
+		JumboMs: map[string]float64{}, JumboMsAll: map[string][]float64{}, JumboMTU: jumboMTU,
 		LossExtraByN: map[string]float64{}, LossMsByN: map[string]float64{}, LossRepairs: map[string]uint64{}, LossParity: map[string]uint64{}, LossUsed: map[string]uint64{},
 		Machine: fmt.Sprintf("%s/%s, %d CPUs, %s", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.Version()),
 		Date:    time.Now().UTC().Format(time.RFC3339)}
@@ -166,6 +172,33 @@ func run(out string, sizeMiB, runs int, nList string, lossN int) error {
 	if t1, t8 := res.McastMs["1"], res.McastMs["8"]; t1 > 0 && t8 > 0 {
 		res.T8OverT1 = t8 / t1
 	}
+	if jumboMTU > 0 {
+		// The same transfers over a bed whose bridge and veths carry jumbo
+		// frames: a sixth of the packets, so a sixth of the per-packet work
+		// every member does.
+		jbed, err := testbed.New(ctx, slices.Max(counts), testbed.WithMTU(jumboMTU))
+		if err != nil {
+			return err
+		}
+		defer jbed.Close()
+		jb := &bench{bed: jbed, data: data, sum: sum, mtu: jumboMTU}
+		for _, n := range counts {
+			k := strconv.Itoa(n)
+			for i := range runs {
+				m, err := jb.mcastOnce(ctx, n, 0, uint64(i))
+				if err != nil {
+					return fmt.Errorf("jumbo mcast to %d, run %d: %w", n, i+1, err)
+				}
+				res.AllChecksums = res.AllChecksums && m.checksumsOK
+				res.JumboMsAll[k] = append(res.JumboMsAll[k], m.ms)
+				fmt.Printf("  mcast   N=%d MTU %d run %d: %8.0f ms  wire/payload %.4f\n", n, jumboMTU, i+1, m.ms, m.wireBytes/float64(len(data)))
+			}
+			res.JumboMs[k] = stat.Median(res.JumboMsAll[k])
+		}
+		if t1, t8 := res.JumboMs["1"], res.JumboMs["8"]; t1 > 0 && t8 > 0 {
+			res.JumboT8OverT1 = t8 / t1
+		}
+	}
 	res.Notes = "one machine: sender, N members and the kernel's bridge share " + strconv.Itoa(runtime.NumCPU()) +
 		" CPUs, so mcast time grows with N from CPU (each member decrypts every packet), not from the network. " +
 		"mcast is AES-256-GCM sealed; the TCP unicast baseline is plaintext. Extra bytes at 1% loss compare the wire bytes " +
@@ -190,6 +223,7 @@ type bench struct {
 	bed  *testbed.Bed
 	data []byte
 	sum  [32]byte
+	mtu  int // 0: the sender's default (1500)
 }
 
 type measurement struct {
@@ -215,7 +249,7 @@ func (b *bench) mcastOnce(ctx context.Context, n int, loss float64, seed uint64)
 		ids = append(ids, fmt.Sprintf("host-%d", i+1))
 	}
 	s, err := mcast.NewSender(mcast.SenderConfig{LocalAddr: netip.MustParseAddr(b.bed.BridgeIP), Group: group, SessionID: session,
-		Key: key, Members: ids, StallTimeout: 10 * time.Second})
+		Key: key, Members: ids, StallTimeout: 10 * time.Second, MTU: b.mtu})
 	if err != nil {
 		return measurement{}, err
 	}
@@ -333,4 +367,12 @@ func report(w io.Writer, r result, counts []int) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d MiB, median of %d runs; t(8)/t(1) = %.2f (target <= 1.3); 1%% loss, N=%d: %.2f%% extra bytes (target <= 5%%); all checksums ok: %v\n",
 		r.ObjectMiB, r.Runs, r.T8OverT1, r.LossN, 100*r.LossExtra, r.AllChecksums)
+	if len(r.JumboMs) > 0 {
+		fmt.Fprintf(w, "MTU %d:", r.JumboMTU)
+		for _, n := range counts {
+			k := strconv.Itoa(n)
+			fmt.Fprintf(w, " N=%d %.0f ms;", n, r.JumboMs[k])
+		}
+		fmt.Fprintf(w, " t(8)/t(1) = %.2f\n", r.JumboT8OverT1)
+	}
 }

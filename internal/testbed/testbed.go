@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -92,13 +93,29 @@ func addr(n *net.IPNet, host int) string {
 	return fmt.Sprintf("%d.%d.%d.%d", ip[0], ip[1], ip[2], host)
 }
 
+// Option changes how New builds a bed.
+type Option func(*options)
+
+type options struct{ mtu int }
+
+// WithMTU sets the MTU of the bridge and every veth (jumbo frames: 9000);
+// the default is the kernel's, 1500.
+func WithMTU(mtu int) Option { return func(o *options) { o.mtu = mtu } }
+
 // New creates a bed with n hosts. On error everything created is removed.
-func New(ctx context.Context, n int) (b *Bed, err error) {
+func New(ctx context.Context, n int, opts ...Option) (b *Bed, err error) {
 	if err := Available(); err != nil {
 		return nil, err
 	}
 	if n < 1 || n > 200 {
 		return nil, fmt.Errorf("testbed: %d hosts, want 1..200", n)
+	}
+	var o options
+	for _, f := range opts {
+		f(&o)
+	}
+	if o.mtu != 0 && (o.mtu < 576 || o.mtu > 65535) {
+		return nil, fmt.Errorf("testbed: MTU %d, want 576..65535", o.mtu)
 	}
 	subnet, err := pickSubnet()
 	if err != nil {
@@ -140,10 +157,19 @@ func New(ctx context.Context, n int) (b *Bed, err error) {
 			{"-n", h.Name, "link", "set", "eth0", "up"},
 			{"-n", h.Name, "link", "set", "lo", "up"},
 		}
+		if o.mtu != 0 {
+			m := strconv.Itoa(o.mtu)
+			steps = append(steps, []string{"link", "set", h.veth, "mtu", m}, []string{"-n", h.Name, "link", "set", "eth0", "mtu", m})
+		}
 		for _, s := range steps {
 			if err := ip(ctx, s...); err != nil {
 				return nil, err
 			}
+		}
+	}
+	if o.mtu != 0 {
+		if err := ip(ctx, "link", "set", b.Bridge, "mtu", strconv.Itoa(o.mtu)); err != nil {
+			return nil, err
 		}
 	}
 	return b, nil
