@@ -6,6 +6,7 @@ import (
 	"os"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -175,7 +176,37 @@ func (d *demo) cloneDemo(ctx context.Context, c *api.Client, token string) error
 	if pause != "" {
 		d.say("The parent was paused %s for the snapshot; its descriptor is %s bytes (device state and page map, no memory).", pause, descBytes)
 	}
+	d.mcastFacts(ctx, token)
 	return nil
+}
+
+// mcastFacts reports, from the hosts' metrics, how the descriptor and the
+// parent's memory reached the clone hosts.
+func (d *demo) mcastFacts(ctx context.Context, token string) {
+	var desc, pushed, received, unicast int64
+	for _, h := range d.hosts {
+		m, err := h.Get(ctx, "/metrics", token)
+		if err != nil {
+			return
+		}
+		desc += metric(m, "sf_host_mcast_descriptors_received_total")
+		pushed += metric(m, "sf_host_mcast_pages_pushed_total")
+		received += metric(m, "sf_host_mcast_pages_received_total")
+		unicast += metric(m, `sf_memserver_pages_total{kind="data"}`)
+	}
+	d.say("Multicast: %d host(s) got the descriptor by multicast; the parent's host pushed %d pages (%d MiB), "+
+		"%d arrived at clone hosts; clones fetched %d pages by unicast.", desc, pushed, pushed*4096>>20, received, unicast)
+}
+
+// metric is an unlabelled counter's value in a metrics text, or 0.
+func metric(text, name string) int64 {
+	for _, line := range strings.Split(text, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			return n
+		}
+	}
+	return 0
 }
 
 // captureFacts reads the parent's pause and descriptor size from its

@@ -15,9 +15,11 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -160,8 +162,17 @@ func (d *demo) run() error {
 
 	d.say("Starting 2 hosts (sfhostd agent) ...")
 	start = time.Now()
+	// Both hosts multicast on loopback (named explicitly), on a port of
+	// their own so that another demo on this machine stays apart.
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	mcastPort := strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)
+	pc.Close()
 	for _, id := range []string{"host-1", "host-2"} {
-		h, err := d.c.StartHost(sfhostd, id, "--sfguest", sfguest, "--slots", "4", "--mem", "2048")
+		h, err := d.c.StartHost(sfhostd, id, "--sfguest", sfguest, "--slots", "4", "--mem", "2048",
+			"--mcast-addr", "127.0.0.1", "--mcast-port", mcastPort)
 		if err != nil {
 			return err
 		}
