@@ -1,0 +1,44 @@
+// Package xenctl runs Xen guest domains for a host daemon through the
+// libxl toolstack's command line, xl: create, pause, unpause, destroy,
+// inspect, save, restore, and the capture and restore of clones.
+//
+// Every xl command goes through a Runner, so the same code drives xl on
+// this machine (LocalRunner) or in another dom0, such as the nested test
+// bed's, through its agent. Domains are addressed by domain ID once made,
+// never by name again.
+//
+//	Config --Create--> xl create -p -e /dev/null name="..." type="pvh" ...
+//	                   [xenchan.Prepare: identity]  xl unpause
+//	Domain --Capture--> xl save -c <id> /proc/self/fd/1 --stdout--> xcstream.Split
+//	                         descriptor (Dir/descriptor) + pages (PageSink)
+//	descriptor + pages --RestoreFrom--> Rebuild (save header renamed)
+//	         --stdin--> xl restore -p -e /proc/self/fd/0
+//	                   [xenchan.Prepare: identity, greeting]  xl unpause
+//
+// What xl does, from its sources (tools/xl, Xen 4.17):
+//
+//   - create: settings may come on the command line after the empty
+//     configuration /dev/null (xl_vmcontrol.c create_domain); -p leaves the
+//     domain paused; -e starts no xl process to watch the domain, so on_*
+//     actions are not carried out and a guest that stops stays a shut-down
+//     domain until destroyed. xl prints no domain ID: `xl domid` finds it.
+//   - pause and unpause exit 0 even when libxl fails (the return code is
+//     ignored); xenctl reads libxl's "libxl: error:" lines instead.
+//   - save writes xl's save-file header (the domain's configuration as
+//     JSON, with its name and UUID) and the libxl stream to a file it opens
+//     by name. Plain save destroys the domain once saved; -p resumes it
+//     from its suspend and leaves it paused; -c (checkpoint) resumes it
+//     running. On failure xl resumes the domain.
+//   - restore opens the image by name, reads the header and restores with
+//     the saved configuration (a configuration file would replace it all;
+//     command-line settings are ignored on restore). libxl refuses a second
+//     domain of a name, so RestoreFrom rewrites the saved configuration's
+//     name and UUID in the header it streams.
+//   - list -l prints a JSON array of {"domid", "config"} and exits 0 with
+//     an empty array when it cannot read the configuration; the run state is
+//     only in the plain list's State column.
+//
+// The images stream through xl's standard input and output, opened as
+// /proc/self/fd/0 and 1: no image is written to disk, and a remote runner
+// carries them as it carries any command's input and output.
+package xenctl
