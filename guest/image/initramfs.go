@@ -223,6 +223,13 @@ func buildInitramfs(spec initramfsSpec, dir string, gz, rebuild bool) (file, has
 	if err != nil {
 		return "", "", false, err
 	}
+	return writeCachedArchive(entries, dir, gz, rebuild)
+}
+
+// writeCachedArchive returns the path of the archive of entries in dir,
+// named by the sha256 of its uncompressed bytes, writing it unless the cache
+// has it.
+func writeCachedArchive(entries []cpioEntry, dir string, gz, rebuild bool) (file, hash string, cached bool, err error) {
 	// Hashing reads the inputs (a few MB) once more than writing would, but
 	// makes a cache hit cost no writes.
 	h := sha256.New()
