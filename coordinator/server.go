@@ -53,6 +53,8 @@ type Config struct {
 
 	Token     string // API bearer token; empty disables authentication
 	GossipKey []byte // gossip encryption key; nil disables encryption
+	// GossipProfile is the failure detector's timing (gossip.Config.Profile).
+	GossipProfile string
 
 	// DeadServerTimeout is how long a coordinator may be dead in gossip before
 	// the leader removes it from raft. Zero means 10 minutes.
@@ -308,7 +310,7 @@ func (s *Server) hasRaftState() bool {
 func (s *Server) startGossip() error {
 	meta := gossip.Meta{Role: gossip.RoleCoordinator, API: s.HTTPAddr(), Raft: s.RaftAddr(), Expect: s.cfg.BootstrapExpect}
 	a, err := gossip.New(gossip.Config{Name: s.cfg.NodeID, BindAddr: s.cfg.GossipAddr, AdvertiseAddr: s.cfg.GossipAdvertise,
-		Key: s.cfg.GossipKey, Meta: meta, Logger: s.log.Named("gossip")})
+		Key: s.cfg.GossipKey, Meta: meta, Logger: s.log.Named("gossip"), Profile: s.cfg.GossipProfile})
 	if err != nil {
 		return err
 	}

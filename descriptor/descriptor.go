@@ -81,7 +81,14 @@ type Meta struct {
 	// the parent.
 	GuestCall     uint64   `json:"guest_call,omitempty"`
 	GuestInFlight []uint64 `json:"guest_in_flight,omitempty"`
+	// Frames, if set, is the size in pages of the guest's frame space when
+	// it exceeds its memory: a Xen guest's special pages lie far above its
+	// RAM. Pages are numbered in it.
+	Frames uint64 `json:"frames,omitempty"`
 }
+
+// MaxFrames bounds Meta.Frames: 64 GiB of frame space.
+const MaxFrames = 1 << 24
 
 // Bounds of the driver-specific metadata.
 const (
@@ -107,7 +114,9 @@ type Descriptor struct {
 }
 
 // TotalPages is the number of pages of guest RAM.
-func (d *Descriptor) TotalPages() uint64 { return uint64(d.Meta.MemMB) << 20 / PageSize }
+func (d *Descriptor) TotalPages() uint64 {
+	return max(uint64(d.Meta.MemMB)<<20/PageSize, d.Meta.Frames)
+}
 
 // DataPages is the number of pages the map says hold data.
 func (d *Descriptor) DataPages() uint64 {
@@ -136,6 +145,9 @@ func (d *Descriptor) Validate() error {
 	}
 	if m.MemMB < 1 || m.MemMB > 1<<20 || m.VCPUs < 1 || m.VCPUs > 1024 || m.PageSize != PageSize || m.ParentVM == 0 {
 		return invalid("machine: %d MiB, %d vCPUs, page size %d, parent %d", m.MemMB, m.VCPUs, m.PageSize, m.ParentVM)
+	}
+	if m.Frames > MaxFrames {
+		return invalid("%d frames", m.Frames)
 	}
 	if len(m.Machine) == 0 || len(m.Machine) > 64 {
 		return invalid("machine type %q", m.Machine)

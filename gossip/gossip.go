@@ -85,7 +85,19 @@ type Config struct {
 	Key           []byte // 16, 24 or 32 bytes to encrypt gossip; nil for none
 	Meta          Meta
 	Logger        hclog.Logger
+	// Profile sets the failure detector's timing: ProfileFast (default:
+	// a silent node is declared dead in about a second), ProfileLAN
+	// (memberlist's LAN defaults, a few seconds) or ProfileWAN (its WAN
+	// defaults) for slow or loaded networks, such as nested hypervisors.
+	Profile string
 }
+
+// Gossip timing profiles.
+const (
+	ProfileFast = "fast"
+	ProfileLAN  = "lan"
+	ProfileWAN  = "wan"
+)
 
 // ErrBadConfig reports an unusable configuration.
 var ErrBadConfig = errors.New("gossip: bad config")
@@ -127,7 +139,15 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 
-	c := memberlist.DefaultLANConfig()
+	var c *memberlist.Config
+	switch cfg.Profile {
+	case "", ProfileFast, ProfileLAN:
+		c = memberlist.DefaultLANConfig()
+	case ProfileWAN:
+		c = memberlist.DefaultWANConfig()
+	default:
+		return nil, fmt.Errorf("%w: profile %q, want fast, lan or wan", ErrBadConfig, cfg.Profile)
+	}
 	c.Name = cfg.Name
 	c.BindAddr, c.BindPort = bindIP, bindPort
 	if adv != "" {
@@ -149,12 +169,15 @@ func New(cfg Config) (*Agent, error) {
 		}
 		c.SecretKey = cfg.Key
 	}
-	// Fast failure detection: a silent node is probed within a few hundred
-	// milliseconds and declared dead about half a second after suspicion.
-	c.ProbeInterval = 250 * time.Millisecond
-	c.ProbeTimeout = 200 * time.Millisecond
-	c.SuspicionMult = 2
-	c.SuspicionMaxTimeoutMult = 3
+	if cfg.Profile == "" || cfg.Profile == ProfileFast {
+		// Fast failure detection: a silent node is probed within a few
+		// hundred milliseconds and declared dead about half a second after
+		// suspicion.
+		c.ProbeInterval = 250 * time.Millisecond
+		c.ProbeTimeout = 200 * time.Millisecond
+		c.SuspicionMult = 2
+		c.SuspicionMaxTimeoutMult = 3
+	}
 	c.GossipInterval = 100 * time.Millisecond
 	c.GossipToTheDeadTime = 5 * time.Second
 	c.PushPullInterval = 10 * time.Second

@@ -70,8 +70,9 @@ type Config struct {
 	Coordinators    []string // coordinator API addresses
 	Token           string
 	GossipKey       []byte
-	Slots           int   // clone slots offered
-	MemMB           int64 // memory offered to VMs
+	GossipProfile   string // gossip.Config.Profile
+	Slots           int    // clone slots offered
+	MemMB           int64  // memory offered to VMs
 	// Kernel and Initrd are this host's default guest image.
 	Kernel, Initrd string
 	// MemserverAddr is the ip:port the memserver listens on to serve the
@@ -249,7 +250,7 @@ func New(cfg Config, hv Hypervisor) (*Daemon, error) {
 		}
 	}
 	d.gossip, err = gossip.New(gossip.Config{Name: cfg.NodeID, BindAddr: cfg.GossipAddr, AdvertiseAddr: cfg.GossipAdvertise,
-		Key: cfg.GossipKey, Logger: d.log.Named("gossip"),
+		Key: cfg.GossipKey, Logger: d.log.Named("gossip"), Profile: cfg.GossipProfile,
 		Meta: gossip.Meta{Role: gossip.RoleHost, API: d.APIAddr(), Mcast: mcastMeta(cfg.McastAddr), Slots: cfg.Slots, MemMB: cfg.MemMB}})
 	if err != nil {
 		d.ln.Close()

@@ -32,7 +32,25 @@ type RestoreSource struct {
 	Meta            descriptor.Meta
 	DeviceStatePath string
 	RAMPath         string
+	// ReadPages reads the snapshot's pages in this process, for drivers
+	// that rebuild a memory image rather than map RAMPath (Xen). The pages
+	// are local by then (the restore was eager).
+	ReadPages func(ctx context.Context, first uint64, dst []byte) error
+	// Greeting answers the calls the parent had pending, for drivers that
+	// deliver it themselves (GreetingDeliverer).
+	Greeting []*guestchan.Response
 }
+
+// GreetingDeliverer is a Restorer that hands a clone's greeting to the
+// guest itself, before the clone runs (Xen, through xenstore), rather than
+// leave it to the daemon's guest channel.
+type GreetingDeliverer interface {
+	DeliversGreeting() bool
+}
+
+// eagerDriver reports whether a descriptor's clones need all of its memory
+// before they start: Xen restores a whole image.
+func eagerDriver(m descriptor.Meta) bool { return m.Driver == "xen" }
 
 // restoreTimeout bounds getting a clone running: fetching its descriptor
 // and starting its VM.
@@ -203,13 +221,13 @@ func (d *Daemon) prepare(ctx context.Context, src *source, cat *catcher) error {
 		return err
 	}
 	id := fmt.Sprintf("desc-%d", src.id)
-	path, err := lz.Add(lazyram.Snapshot{ID: id, Size: int64(desc.Meta.MemMB) << 20, HasData: desc.HasData, Source: src,
+	path, err := lz.Add(lazyram.Snapshot{ID: id, Size: int64(desc.TotalPages()) * descriptor.PageSize, HasData: desc.HasData, Source: src,
 		Readahead: d.cfg.Readahead, FetchTimeout: d.cfg.FetchTimeout})
 	if err != nil {
 		return err
 	}
 	src.lazyID, src.ramPath = id, path
-	if d.cfg.EagerRestore {
+	if d.cfg.EagerRestore || eagerDriver(desc.Meta) {
 		start := time.Now()
 		if err := lz.Fill(ctx, id, 256, 4); err != nil {
 			return fmt.Errorf("eager restore: %w", err)
@@ -339,14 +357,20 @@ func (d *Daemon) restoreClone(vm fsm.VM) {
 	m := src.desc.Meta
 	spec := VMSpec{ID: vmName(vm.ID), Kernel: d.cfg.Kernel, Initrd: d.cfg.Initrd, Append: m.Append,
 		MemMB: int64(m.MemMB), VCPUs: m.VCPUs}
-	run, err := d.hv.(Restorer).Restore(ctx, spec, RestoreSource{Meta: m, DeviceStatePath: src.devPath, RAMPath: src.ramPath})
+	greet := greeting(m, vm, src.checkpoint)
+	rs := RestoreSource{Meta: m, DeviceStatePath: src.devPath, RAMPath: src.ramPath,
+		ReadPages: lazyBase{fs: d.lazy, id: src.lazyID}.ReadPages}
+	if g, ok := d.hv.(GreetingDeliverer); ok && g.DeliversGreeting() {
+		rs.Greeting, greet = greet, nil
+	}
+	run, err := d.hv.(Restorer).Restore(ctx, spec, rs)
 	if err != nil {
 		d.put(src)
 		d.leaveSession(cat)
 		fail(err)
 		return
 	}
-	lv := d.adopt(vm.ID, run, spec, start, src, cat, greeting(m, vm, src.checkpoint), log)
+	lv := d.adopt(vm.ID, run, spec, start, src, cat, greet, log)
 	if _, err := d.coord.SetCloneState(ctx, vm.ID, api.CloneStateRequest{State: fsm.CloneRunning}); err != nil {
 		// Killed or failed meanwhile (or the cluster is unreachable for
 		// minutes): this clone must not run unaccounted for.

@@ -398,6 +398,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.StringArrayVar(&cfg.Join, "join", nil, "gossip address to join (repeatable), retried until one answers")
 	fs.StringVar(&cfg.Token, "token", os.Getenv("SF_TOKEN"), "require this bearer token on the API (SF_TOKEN)")
 	encrypt := fs.String("encrypt", os.Getenv("SF_ENCRYPT"), "gossip encryption key from 'sfcoord keygen' (SF_ENCRYPT)")
+	fs.StringVar(&cfg.GossipProfile, "gossip-profile", "fast", "failure detection timing: fast (about 1 s), lan or wan (slow or loaded networks)")
 	fs.DurationVar(&cfg.DeadServerTimeout, "dead-server-timeout", 10*time.Minute, "remove a coordinator dead this long from raft")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", 5*time.Second, "leader's periodic membership reconcile")
 	fs.DurationVar(&cfg.HostMissingTimeout, "host-missing-timeout", 10*time.Second, "fail a registered host absent from gossip this long")

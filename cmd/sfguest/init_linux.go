@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -15,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snowflock-go/snowflock/guest"
+	"github.com/snowflock-go/snowflock/xenctl/xenchan"
+	"github.com/snowflock-go/snowflock/xenctl/xenstore"
 )
 
 // Files sfguest reads as init.
@@ -118,9 +121,31 @@ func insmod(path string) error {
 	return nil
 }
 
+// xenbusDevice exists only in a Xen guest: there the channel is xenstore.
+const xenbusDevice = "/dev/xen/xenbus"
+
+// openChannel opens the host channel: xenstore on Xen, else the second
+// serial port (QEMU).
+func openChannel(ctx context.Context) (io.ReadWriteCloser, error) {
+	if _, err := os.Stat(xenbusDevice); err != nil {
+		return guest.OpenChannel(guest.DefaultDevice)
+	}
+	xs, err := xenstore.OpenDevice(xenbusDevice)
+	if err != nil {
+		return nil, err
+	}
+	ch, err := xenchan.OpenGuest(ctx, xs)
+	if err != nil {
+		xs.Close()
+		return nil, err
+	}
+	logf("host channel: xenstore")
+	return ch, nil
+}
+
 // serveChannel takes the host channel and serves it on the local socket.
 func serveChannel(ctx context.Context) error {
-	dev, err := guest.OpenChannel(guest.DefaultDevice)
+	dev, err := openChannel(ctx)
 	if err != nil {
 		return err
 	}

@@ -128,7 +128,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	coords := fs.StringArray("coordinator", nil, "coordinator API address (repeatable or comma separated)")
 	fs.StringVar(&cfg.Token, "token", os.Getenv("SF_TOKEN"), "bearer token of the coordinator API, also required on this host's API (SF_TOKEN)")
 	encrypt := fs.String("encrypt", os.Getenv("SF_ENCRYPT"), "gossip encryption key (SF_ENCRYPT)")
+	fs.StringVar(&cfg.GossipProfile, "gossip-profile", "fast", "failure detection timing: fast (about 1 s), lan or wan (slow or loaded networks)")
 	accel := fs.String("accel", "auto", "auto, kvm or tcg")
+	hvName := fs.String("hypervisor", "auto", "qemu, xen (run in dom0), or auto: xen in a Xen control domain, else qemu")
 	fs.IntVar(&cfg.Slots, "slots", 8, "clone slots offered")
 	mem := fs.Int64("mem", 4096, "memory offered to VMs, MiB")
 	ramDir := fs.String("ram-dir", "", "tmpfs directory for guest RAM files (default: one per daemon under /dev/shm/snowflock)")
@@ -165,6 +167,16 @@ func runAgent(args []string, stderr io.Writer) error {
 	}
 	if len(cfg.Coordinators) == 0 {
 		return usagef("agent: at least one --coordinator is required")
+	}
+	switch *hvName {
+	case "auto":
+		*hvName = "qemu"
+		if hostd.IsDom0() {
+			*hvName = "xen"
+		}
+	case "qemu", "xen":
+	default:
+		return usagef("agent: --hypervisor must be auto, qemu or xen")
 	}
 	var acc qemuctl.Accel
 	switch *accel {
@@ -222,11 +234,23 @@ func runAgent(args []string, stderr io.Writer) error {
 	}
 	cfg.Kernel, cfg.Initrd = im.Kernel, im.Initrd
 	log.Info("guest image ready", "kernel", im.Kernel, "initrd", im.Initrd, "took", im.Stats.Total.Round(time.Millisecond))
-	hv, err := hostd.NewQEMU(ctx, filepath.Join(cfg.DataDir, "vms"), *ramDir, acc, log.Named("qemu"))
-	if err != nil {
-		return err
+	var hv hostd.Hypervisor
+	if *hvName == "xen" {
+		xen, err := hostd.NewXen(ctx, filepath.Join(cfg.DataDir, "vms"), log.Named("xen"))
+		if err != nil {
+			return err
+		}
+		defer xen.Close()
+		hv = xen
+	} else {
+		q, err := hostd.NewQEMU(ctx, filepath.Join(cfg.DataDir, "vms"), *ramDir, acc, log.Named("qemu"))
+		if err != nil {
+			return err
+		}
+		cfg.PageCacheDir = filepath.Join(q.RAMDir, "pages")
+		hv = q
 	}
-	cfg.PageCacheDir = filepath.Join(hv.RAMDir, "pages")
+	log.Info("hypervisor", "driver", hv.Name())
 	d, err := hostd.New(cfg, hv)
 	if err != nil {
 		return err

@@ -70,10 +70,10 @@ var dom0Links = map[string]string{
 var dom0ExtraLibs = []string{"libgcc_s.so.1"}
 
 // Dom0Modules are the kernel modules dom0 loads, in this order after their
-// dependencies: the Xen backends, the bridge and QEMU's e1000 NIC.
+// dependencies: the Xen backends, the bridge, QEMU's e1000 NIC and FUSE (hostd's page cache of clones).
 var Dom0Modules = []string{
 	"xen-privcmd", "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc",
-	"xen-blkback", "xen-netback", "bridge", "e1000",
+	"xen-blkback", "xen-netback", "bridge", "e1000", "fuse",
 }
 
 // libDir is where dom0's libraries go: on Debian's default search path,
