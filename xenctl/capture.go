@@ -9,7 +9,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/snowflock-go/snowflock/xenctl/xcstream"
 )
@@ -21,6 +24,28 @@ const (
 	stdoutPath = "/proc/self/fd/1"
 	stdinPath  = "/proc/self/fd/0"
 )
+
+// streamBuffer is the pipe capacity asked for xl's streams, and how much
+// Split reads at once: in a PV dom0 every system call and context switch
+// costs a trip through the hypervisor, and the guest stays suspended
+// while Capture reads.
+const streamBuffer = 1 << 20
+
+// streamPipe makes the pipe an image streams through to or from xl. Its
+// ends are *os.File, which a LocalRunner hands to xl as they are, with no
+// goroutine copying between pipes.
+func streamPipe() (r, w *os.File, err error) {
+	r, w, err = os.Pipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	if rc, err := w.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			unix.FcntlInt(fd, unix.F_SETPIPE_SZ, streamBuffer) // a hint: the default size works too
+		})
+	}
+	return r, w, nil
+}
 
 // Files of a capture directory.
 const (
@@ -83,7 +108,7 @@ func (d *Domain) capture(ctx context.Context, opts CaptureOptions) (c *Capture, 
 		}
 	}()
 	sink := opts.Sink
-	var pages *PageFile
+	var batch *pageBatch
 	if opts.Dir != "" {
 		if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 			return nil, err
@@ -91,16 +116,22 @@ func (d *Domain) capture(ctx context.Context, opts CaptureOptions) (c *Capture, 
 		c.DescriptorPath = filepath.Join(opts.Dir, DescriptorFile)
 		if sink == nil {
 			c.PagesPath = filepath.Join(opts.Dir, PagesFile)
-			if pages, err = CreatePageFile(c.PagesPath); err != nil {
+			pages, err := CreatePageFile(c.PagesPath)
+			if err != nil {
 				return nil, err
 			}
 			created = append(created, c.PagesPath)
 			defer pages.Close()
-			sink = pages
+			batch = newPageBatch(pages)
+			sink = batch
 		}
 	}
 
-	pr, pw := io.Pipe()
+	pr, pw, err := streamPipe()
+	if err != nil {
+		return nil, err
+	}
+	defer pr.Close()
 	type saved struct {
 		res SaveResult
 		err error
@@ -108,23 +139,30 @@ func (d *Domain) capture(ctx context.Context, opts CaptureOptions) (c *Capture, 
 	done := make(chan saved, 1)
 	go func() {
 		res, err := d.save(ctx, Command{Stdout: pw}, stdoutPath, RunAfterSave)
-		if err != nil {
-			pw.CloseWithError(err)
-		} else {
-			pw.Close()
-		}
+		pw.Close() // xl has exited: Split sees the end of the stream
 		done <- saved{res, err}
 	}()
 	// xl is never killed (see Save): when ctx ends, closing the pipe makes
 	// its writes fail, so that it gives up, resumes the guest and exits.
-	stop := context.AfterFunc(ctx, func() { pr.CloseWithError(context.Cause(ctx)) })
+	stop := context.AfterFunc(ctx, func() { pr.Close() })
 	defer stop()
-	desc, splitErr := xcstream.Split(pr, sink, opts.Limits)
+	desc, splitErr := xcstream.Split(bufio.NewReaderSize(pr, streamBuffer), sink, opts.Limits)
+	if splitErr == nil && batch != nil {
+		splitErr = batch.Flush()
+	}
+	drained := make(chan struct{})
 	if splitErr != nil {
 		// Let xl finish: it resumes the guest only once its save ends.
-		io.Copy(io.Discard, pr)
+		go func() {
+			io.Copy(io.Discard, pr)
+			close(drained)
+		}()
+	} else {
+		close(drained)
 	}
 	s := <-done
+	pr.Close() // a helper xl left behind may hold the pipe: stop reading
+	<-drained
 	if err := ctx.Err(); err != nil {
 		return nil, context.Cause(ctx)
 	}
@@ -168,8 +206,9 @@ func (d *Domain) capture(ctx context.Context, opts CaptureOptions) (c *Capture, 
 // cfg.Channel says so, and the domain is unpaused unless cfg.Paused.
 //
 // The domain's configuration is the saved one, the parent's, but for its
-// name: cfg's Type, MemMB and VCPUs, if set, must match it
-// (ErrMismatch); its Kernel, Ramdisk, Cmdline and Extra are not used.
+// name, UUID and, unless cfg.KeepMACs, its NICs' MAC addresses: cfg's
+// Type, MemMB and VCPUs, if set, must match it (ErrMismatch); its Kernel,
+// Ramdisk, Cmdline and Extra are not used.
 func RestoreFrom(ctx context.Context, desc *xcstream.Descriptor, pages xcstream.PageSource, cfg Config) (*Domain, error) {
 	d, err := restoreFrom(ctx, desc, pages, cfg)
 	if err != nil {
@@ -182,7 +221,7 @@ func restoreFrom(ctx context.Context, desc *xcstream.Descriptor, pages xcstream.
 	if len(desc.SaveFile) == 0 {
 		return nil, fmt.Errorf("%w: the descriptor has no xl save-file header (a bare libxl stream)", ErrBadSaveFile)
 	}
-	header, saved, uuid, err := renameSaveHeader(desc.SaveFile, cfg.Name)
+	header, saved, uuid, err := renameSaveHeader(desc.SaveFile, cfg.Name, cfg.KeepMACs)
 	if err != nil {
 		return nil, err
 	}
@@ -192,10 +231,25 @@ func restoreFrom(ctx context.Context, desc *xcstream.Descriptor, pages xcstream.
 	}
 	renamed := *desc
 	renamed.SaveFile = header
-	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(renamed.Rebuild(pw, pages)) }()
+	pr, pw, err := streamPipe()
+	if err != nil {
+		return nil, err
+	}
+	rebuilt := make(chan error, 1)
+	go func() {
+		err := renamed.Rebuild(pw, pages)
+		pw.Close()
+		rebuilt <- err
+	}()
 	d, err := restore(ctx, cfg, uuid, pr)
-	pr.CloseWithError(io.ErrClosedPipe) // unblocks Rebuild if xl stopped reading
+	// xl has exited, having read the whole image or given up: a Rebuild
+	// still writing fails at once, whoever else holds the pipe.
+	pr.Close()
+	pw.Close()
+	if rerr := <-rebuilt; err != nil && rerr != nil && !errors.Is(rerr, syscall.EPIPE) && !errors.Is(rerr, os.ErrClosed) {
+		// Why the image broke off, which xl cannot say.
+		err = fmt.Errorf("%w (rebuilding the image: %w)", err, rerr)
+	}
 	return d, err
 }
 
@@ -224,7 +278,7 @@ func restoreReader(ctx context.Context, r io.Reader, cfg Config) (*Domain, error
 	if err != nil {
 		return nil, err
 	}
-	header, saved, uuid, err := renameSaveHeader(h, cfg.Name)
+	header, saved, uuid, err := renameSaveHeader(h, cfg.Name, cfg.KeepMACs)
 	if err != nil {
 		return nil, err
 	}
@@ -271,7 +325,7 @@ func restore(ctx context.Context, cfg Config, uuid string, img io.Reader) (*Doma
 		d.destroyAfterFailure(ctx)
 		return nil, err
 	}
-	d.log.Info("restored", "domid", d.id, "type", cfg.Type, "mem_mb", cfg.MemMB, "restore", restored,
+	d.log.Info("restored", "type", cfg.Type, "mem_mb", cfg.MemMB, "restore", restored,
 		"running_after", time.Since(begin), "paused", cfg.Paused)
 	return d, nil
 }

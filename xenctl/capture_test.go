@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -92,16 +93,78 @@ func TestCaptureAndRestoreFrom(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var j struct {
-		CInfo map[string]any `json:"c_info"`
-		BInfo map[string]any `json:"b_info"`
+	var orig, j savedJSON
+	origConfig, _ := parseSaveHeader(origHeader)
+	if err := json.Unmarshal(origConfig, &orig); err != nil {
+		t.Fatal(err)
 	}
 	if err := json.Unmarshal(config, &j); err != nil {
 		t.Fatal(err)
 	}
-	if j.CInfo["name"] != "sf-clone-1" || j.CInfo["uuid"] == "6f1c8e3a-2d4b-4c55-9a0e-3f2b1c4d5e6f" ||
-		!uuidPattern.MatchString(fmt.Sprint(j.CInfo["uuid"])) || j.CInfo["domid"] != nil || j.BInfo["kernel"] != "/boot/vmlinuz" {
+	if j.CInfo["name"] != "sf-clone-1" || j.CInfo["uuid"] == orig.CInfo["uuid"] ||
+		!uuidPattern.MatchString(fmt.Sprint(j.CInfo["uuid"])) || j.BInfo["kernel"] != "/guest/vmlinux" ||
+		len(j.NICs) != 1 || j.NICs[0]["mac"] == orig.NICs[0]["mac"] || j.NICs[0]["bridge"] != "xenbr0" {
 		t.Fatalf("renamed configuration %s", config)
+	}
+}
+
+// savedJSON is the part of a saved configuration the tests look at.
+type savedJSON struct {
+	CInfo map[string]any   `json:"c_info"`
+	BInfo map[string]any   `json:"b_info"`
+	NICs  []map[string]any `json:"nics"`
+}
+
+// TestRenameSaveHeader renames real xl's saved configuration: a new name
+// and UUID, no domain ID, new MACs in Xen's OUI unless kept, and nothing
+// else changed.
+func TestRenameSaveHeader(t *testing.T) {
+	config := []byte(strings.Replace(strings.TrimSpace(savedConfigPVH), `"c_info": {`, `"c_info": {"domid": 7,`, 1))
+	var orig map[string]any
+	if err := json.Unmarshal(config, &orig); err != nil {
+		t.Fatal(err)
+	}
+	macs := map[string]bool{}
+	for i, keep := range []bool{false, false, true} {
+		renamed, saved, uuid, err := renameSaveHeader(buildSaveHeader(config), "copy", keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if saved != (Saved{Name: "parent", Type: TypePVH, MaxMemKB: 131072, MaxVCPUs: 1}) {
+			t.Errorf("#%d: saved %+v", i, saved)
+		}
+		got, err := parseSaveHeader(renamed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(got, &m); err != nil {
+			t.Fatal(err)
+		}
+		cinfo, nic := m["c_info"].(map[string]any), m["nics"].([]any)[0].(map[string]any)
+		mac, _ := nic["mac"].(string)
+		if cinfo["name"] != "copy" || cinfo["uuid"] != uuid || !uuidPattern.MatchString(uuid) || cinfo["domid"] != nil {
+			t.Errorf("#%d: c_info %v", i, cinfo)
+		}
+		origMAC := orig["nics"].([]any)[0].(map[string]any)["mac"]
+		switch {
+		case keep && mac != origMAC:
+			t.Errorf("#%d: kept MAC %s, want %s", i, mac, origMAC)
+		case !keep && (mac == origMAC || macs[mac] || !strings.HasPrefix(mac, "00:16:3e:") || !macPattern.MatchString(mac) || mac[9] > '7'):
+			t.Errorf("#%d: new MAC %s (the parent's %s, earlier %v)", i, mac, origMAC, macs)
+		}
+		macs[mac] = true
+		// The rest is the parent's.
+		want := maps.Clone(orig)
+		want["c_info"] = maps.Clone(orig["c_info"].(map[string]any))
+		want["c_info"].(map[string]any)["name"], want["c_info"].(map[string]any)["uuid"] = "copy", uuid
+		delete(want["c_info"].(map[string]any), "domid")
+		wantNIC := maps.Clone(orig["nics"].([]any)[0].(map[string]any))
+		wantNIC["mac"] = mac
+		want["nics"] = []any{wantNIC}
+		if !reflect.DeepEqual(m, want) {
+			t.Errorf("#%d: renamed\n%v\nwant\n%v", i, m, want)
+		}
 	}
 }
 
@@ -278,15 +341,70 @@ func TestPageFile(t *testing.T) {
 	}
 }
 
+// TestPageBatch: Capture's batched writes land where PutPage's would,
+// and PageRun reads runs back.
+func TestPageBatch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "pages")
+	p, err := CreatePageFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newPageBatch(p)
+	var pfns []uint64
+	for pfn := uint64(0); pfn < 600; pfn++ { // runs longer than a batch
+		pfns = append(pfns, pfn)
+	}
+	pfns = append(pfns, 700, 702, 703, 0xfeff8, 0xfefff) // and short ones, far up
+	page := make([]byte, xcstream.PageSize)
+	for _, pfn := range pfns {
+		binary.LittleEndian.PutUint64(page, pfn+1)
+		if err := b.PutPage(pfn, page); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.PutPage(MaxPageFilePFN+1, page); err == nil {
+		t.Fatal("page beyond the limit taken")
+	}
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	r, err := OpenPageFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for _, pfn := range pfns {
+		if err := r.Page(pfn, page); err != nil || binary.LittleEndian.Uint64(page) != pfn+1 {
+			t.Fatalf("page %#x: %v", pfn, err)
+		}
+	}
+	run := make([]byte, 4*xcstream.PageSize)
+	if err := r.PageRun(700, run); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []uint64{701, 0, 703, 704} { // 701 is a hole
+		if got := binary.LittleEndian.Uint64(run[i*xcstream.PageSize:]); got != want {
+			t.Errorf("run from 700, page %d: %d, want %d", i, got, want)
+		}
+	}
+	if err := r.PageRun(0xfeffe, run[:3*xcstream.PageSize]); err == nil {
+		t.Error("a run past the end read")
+	}
+	if err := r.PageRun(0, run[:100]); err == nil {
+		t.Error("a run of part of a page read")
+	}
+}
+
 func TestSaveHeader(t *testing.T) {
-	config := []byte(`{"c_info":{"type":"pv","name":"p","domid":3},"b_info":{"max_vcpus":2,"max_memkb":65536}}`)
+	config := []byte(strings.TrimSpace(savedConfigPVH))
 	h := buildSaveHeader(config)
 	got, err := parseSaveHeader(h)
 	if err != nil || !bytes.Equal(got, config) {
 		t.Fatalf("%q, %v", got, err)
 	}
 	s, err := readSaved(h)
-	if err != nil || s != (Saved{Name: "p", Type: TypePV, MaxMemKB: 65536, MaxVCPUs: 2}) {
+	if err != nil || s != (Saved{Name: "parent", Type: TypePVH, MaxMemKB: 131072, MaxVCPUs: 1}) {
 		t.Fatalf("saved %+v, %v", s, err)
 	}
 	le := binary.LittleEndian
@@ -307,11 +425,11 @@ func TestSaveHeader(t *testing.T) {
 			t.Errorf("#%d: %v", i, err)
 		}
 	}
-	renamed, s, _, err := renameSaveHeader(h, "c")
-	if err != nil || s.Name != "p" {
+	renamed, s, _, err := renameSaveHeader(h, "c", false)
+	if err != nil || s.Name != "parent" {
 		t.Fatal(err)
 	}
-	if s2, _ := readSaved(renamed); s2.Name != "c" || s2.MaxMemKB != 65536 {
+	if s2, _ := readSaved(renamed); s2.Name != "c" || s2.MaxMemKB != 131072 {
 		t.Fatalf("renamed %+v", s2)
 	}
 }

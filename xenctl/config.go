@@ -58,6 +58,11 @@ type Config struct {
 	// Paused leaves the domain paused after Create, Restore or RestoreFrom;
 	// otherwise they unpause it once it is ready.
 	Paused bool
+	// KeepMACs has Restore and RestoreFrom keep the saved NICs' MAC
+	// addresses, for a domain that moves. By default every NIC gets a new
+	// one: the saved addresses are the parent's, and copies of one capture
+	// must not share a bridge with them.
+	KeepMACs bool
 	// Channel, if set, has Create, Restore and RestoreFrom lay out the
 	// guest API channel in xenstore (xenchan.Prepare) before the guest
 	// runs: its identity and, for a clone, its greeting. Store is then

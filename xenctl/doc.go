@@ -40,5 +40,29 @@
 //
 // The images stream through xl's standard input and output, opened as
 // /proc/self/fd/0 and 1: no image is written to disk, and a remote runner
-// carries them as it carries any command's input and output.
+// carries them as it carries any command's input and output. Capture and
+// RestoreFrom make those pipes themselves (1 MiB, *os.File), so that a
+// LocalRunner hands them to xl with no copying in between.
+//
+// # On real Xen
+//
+// realxen_test.go runs this package in the dom0s of internal/xenbed's
+// nested Xen 4.17 hosts (QEMU TCG, one vCPU each). With a 128 MiB PVH
+// guest (Debian's kernel) it measured: Create 1.1-2.3 s; Capture 3.9-4.2
+// s, for nearly all of which the guest is suspended, since `xl save -c`
+// is not live (libxc suspends the guest, sends every page, then resumes
+// it; xl save -c into a pipe alone took 2.8 s there); a descriptor of
+// ~13 KB; RestoreFrom 2.7-3.4 s. In a PV dom0 every system call costs a
+// trip through the hypervisor: Capture first wrote its page file a page at
+// a time and read xl's output through exec's copying goroutine, and the
+// guest stayed suspended for 9-10 s.
+//
+// A PVH guest's stream names every PFN from 0 to 0xfefff, whatever its
+// memory: its RAM (32,767 pages with data for 128 MiB), ACPI's pages at
+// 0xfc000-0xfc008 and the special pages (xenstore, console, ...) at
+// 0xfeff8-0xfefff; the other 1,011,696 entries are holes (XTAB, no data).
+// About half of the data pages of a freshly booted guest are zeros
+// (16,326 of 32,784), which the descriptor only flags. A PageFile, page n
+// at byte n*4096, is thus a sparse file of 4 GiB (0xff000 pages) for any
+// PVH guest; what it stores is the stored pages, 64 MiB here.
 package xenctl

@@ -80,7 +80,7 @@ func Create(ctx context.Context, cfg Config) (*Domain, error) {
 		d.destroyAfterFailure(ctx)
 		return nil, fmt.Errorf("xenctl: create %s: %w", cfg.Name, err)
 	}
-	d.log.Info("created", "domid", d.id, "type", cfg.Type, "mem_mb", cfg.MemMB, "vcpus", cfg.VCPUs,
+	d.log.Info("created", "type", cfg.Type, "mem_mb", cfg.MemMB, "vcpus", cfg.VCPUs,
 		"paused", cfg.Paused, "took", time.Since(begin))
 	return d, nil
 }

@@ -47,6 +47,26 @@ type fakeDom struct {
 	paused bool
 }
 
+// listLong is what real xl list -l prints for the domain (listLongPVH,
+// made for "life", domain 1), with its own settings.
+func (d *fakeDom) listLong(id uint32) string {
+	var uuid string
+	for _, l := range strings.Split(listLongPVH, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), `"uuid": `); ok {
+			uuid, _ = strconv.Unquote(strings.TrimSuffix(v, ","))
+		}
+	}
+	return strings.NewReplacer(
+		`"domid": 1,`, fmt.Sprintf(`"domid": %d,`, id),
+		`"type": "pvh"`, fmt.Sprintf(`"type": %q`, d.typ),
+		`"name": "life"`, fmt.Sprintf(`"name": %q`, d.name),
+		uuid, d.uuid,
+		`"max_vcpus": 1`, fmt.Sprintf(`"max_vcpus": %d`, d.vcpus),
+		`"max_memkb": 131072`, fmt.Sprintf(`"max_memkb": %d`, d.memMB*1024),
+		`"target_memkb": 131072`, fmt.Sprintf(`"target_memkb": %d`, d.memMB*1024),
+	).Replace(listLongPVH)
+}
+
 func newFakeXL(t *testing.T) *fakeXL {
 	return &fakeXL{t: t, doms: map[uint32]*fakeDom{}, nextID: 1, fail: map[string]string{}, libxlEr: map[string]string{},
 		hang: map[string]bool{}}
@@ -160,21 +180,16 @@ func (f *fakeXL) do(ctx context.Context, cmd Command, args []string, stderr stri
 			return exit(1, fmt.Sprintf("Error: Domain '%s' does not exist.\n", args[len(args)-1]))
 		}
 		if long {
-			j := fmt.Sprintf(`[{"domid": %d, "config": {"c_info": {"type": %q, "name": %q, "uuid": "6f1c8e3a-2d4b-4c55-9a0e-3f2b1c4d5e6f"}, "b_info": {"max_vcpus": %d, "max_memkb": %d, "target_memkb": %d}}}]`+"\n",
-				id, d.typ, d.name, d.vcpus, d.memMB*1024, d.memMB*1024)
-			return Result{Stdout: []byte(j)}, nil
+			return Result{Stdout: []byte(d.listLong(id))}, nil
 		}
 		state := "-b----"
 		if d.paused {
 			state = "--p---"
 		}
-		out := listLine(d.name, int(id), d.memMB, d.vcpus, state, 0.5)
 		if args[1] == "-v" {
-			// xl list -v appends " UUID reason label" to the line.
-			out = strings.Replace(out, "Time(s)", "Time(s)   UUID                            Reason-Code\tSecurity Label", 1)
-			out = strings.TrimSuffix(out, "\n") + fmt.Sprintf(" %s %8s %16s\n", d.uuid, "-", "-")
+			return Result{Stdout: []byte(listVerbose(d.name, int(id), d.memMB, d.vcpus, state, 0.5, d.uuid))}, nil
 		}
-		return Result{Stdout: []byte(out)}, nil
+		return Result{Stdout: []byte(listLine(d.name, int(id), d.memMB, d.vcpus, state, 0.5))}, nil
 	case "save":
 		i := 1
 		for strings.HasPrefix(args[i], "-") {
@@ -246,6 +261,16 @@ func (f *fakeXL) saveSlowly(ctx context.Context, cmd Command) (Result, error) {
 	return Result{}, nil
 }
 
+// savedConfigFor is the configuration real xl saves (savedConfigPVH,
+// of a 128 MiB PVH domain named "parent" with a NIC) for name and memMB.
+func savedConfigFor(name string, memMB int) []byte {
+	return []byte(strings.NewReplacer(
+		`"name": "parent"`, fmt.Sprintf(`"name": %q`, name),
+		`"max_memkb": 131072`, fmt.Sprintf(`"max_memkb": %d`, memMB*1024),
+		`"target_memkb": 131072`, fmt.Sprintf(`"target_memkb": %d`, memMB*1024),
+	).Replace(strings.TrimSpace(savedConfigPVH)))
+}
+
 // testImage builds an `xl save` image of a PVH domain per
 // docs/specs/lib{xl,xc}-migration-stream.pandoc: xl's header with the
 // configuration, a libxl stream around a libxc v3 stream (guest type HVM,
@@ -260,11 +285,7 @@ func testImage(name string, memMB int, pages int) []byte {
 		b.Write(body)
 		b.Write(make([]byte, (8-len(body)%8)%8))
 	}
-	config, _ := json.Marshal(map[string]any{
-		"c_info": map[string]any{"type": "pvh", "name": name, "domid": 3, "uuid": "6f1c8e3a-2d4b-4c55-9a0e-3f2b1c4d5e6f"},
-		"b_info": map[string]any{"max_vcpus": 1, "max_memkb": memMB * 1024, "target_memkb": memMB * 1024, "kernel": "/boot/vmlinuz"},
-	})
-	b.Write(buildSaveHeader(config))
+	b.Write(buildSaveHeader(savedConfigFor(name, memMB)))
 	b.WriteString("LibxlFmt")
 	b.Write(be32(2))
 	b.Write(be32(0))

@@ -14,16 +14,18 @@ import (
 const MaxPageFilePFN = 1<<32 - 1
 
 // PageFile keeps pages in a sparse file, page n at byte n*PageSize: a
-// PageSink for Split and a PageSource for Rebuild. The holes of pages
-// never stored cost nothing on tmpfs or ext4. It is safe for concurrent
-// use (positioned reads and writes).
+// PageSink for Split and a PageRunSource for Rebuild. The holes of pages
+// never stored cost nothing on tmpfs or ext4, but the file's length is the
+// guest's highest frame: 4 GiB for any PVH guest (see the package
+// comment), so copy it with a tool that keeps holes. It is safe for
+// concurrent use (positioned reads and writes).
 type PageFile struct {
 	f *os.File
 }
 
 var (
-	_ xcstream.PageSink   = (*PageFile)(nil)
-	_ xcstream.PageSource = (*PageFile)(nil)
+	_ xcstream.PageSink      = (*PageFile)(nil)
+	_ xcstream.PageRunSource = (*PageFile)(nil)
 )
 
 // CreatePageFile creates a new page file; path must not exist.
@@ -63,6 +65,68 @@ func (p *PageFile) Page(pfn uint64, dst []byte) error {
 	if err == io.EOF {
 		return fmt.Errorf("xenctl: page file %s has no page %#x", p.f.Name(), pfn)
 	}
+	return err
+}
+
+// PageRun reads the pages from pfn on into dst, a multiple of PageSize
+// bytes, with one read; like Page, holes read as zeros and the end of the
+// file is an error.
+func (p *PageFile) PageRun(pfn uint64, dst []byte) error {
+	n := uint64(len(dst) / xcstream.PageSize)
+	if len(dst)%xcstream.PageSize != 0 || n == 0 || pfn > MaxPageFilePFN || n-1 > MaxPageFilePFN-pfn {
+		return fmt.Errorf("xenctl: page file: %d bytes of pages from %#x", len(dst), pfn)
+	}
+	_, err := p.f.ReadAt(dst, int64(pfn)*xcstream.PageSize)
+	if err == io.EOF {
+		return fmt.Errorf("xenctl: page file %s ends before page %#x", p.f.Name(), pfn+n-1)
+	}
+	return err
+}
+
+// batchPages bounds the pages a pageBatch gathers: 1 MiB.
+const batchPages = 256
+
+// pageBatch is a PageSink that gathers consecutive pages and writes each
+// run to the PageFile with one write. Capture writes through it: in a PV
+// dom0 every system call goes through the hypervisor, and a page file
+// written a page at a time, by the reader of xl's stream, held the guest
+// suspended for seconds longer (see the package comment).
+// Flush writes what is gathered; it is not safe for concurrent use.
+type pageBatch struct {
+	f     *PageFile
+	start uint64 // PFN of buf's first page
+	buf   []byte
+}
+
+func newPageBatch(f *PageFile) *pageBatch {
+	return &pageBatch{f: f, buf: make([]byte, 0, batchPages*xcstream.PageSize)}
+}
+
+// PutPage implements xcstream.PageSink.
+func (b *pageBatch) PutPage(pfn uint64, data []byte) error {
+	if pfn > MaxPageFilePFN || len(data) != xcstream.PageSize {
+		return fmt.Errorf("xenctl: page file: page %#x of %d bytes", pfn, len(data))
+	}
+	next := b.start + uint64(len(b.buf)/xcstream.PageSize)
+	if len(b.buf) > 0 && (pfn != next || len(b.buf) == cap(b.buf)) {
+		if err := b.Flush(); err != nil {
+			return err
+		}
+	}
+	if len(b.buf) == 0 {
+		b.start = pfn
+	}
+	b.buf = append(b.buf, data...)
+	return nil
+}
+
+// Flush writes the gathered run.
+func (b *pageBatch) Flush() error {
+	if len(b.buf) == 0 {
+		return nil
+	}
+	_, err := b.f.f.WriteAt(b.buf, int64(b.start)*xcstream.PageSize)
+	b.buf = b.buf[:0]
 	return err
 }
 

@@ -123,11 +123,14 @@ func savedOf(config []byte) (Saved, error) {
 // renameSaveHeader returns header with the configuration's domain name
 // replaced, a new UUID and no domain ID, so that the image restores as a
 // new domain beside the one it was saved from (libxl refuses a second
-// domain of the same name; the saved UUID is the parent's). Everything
-// else of the configuration — devices, memory, vCPUs — stays the
-// parent's, which the image's state needs. It also returns the saved
-// configuration's summary and the new UUID.
-func renameSaveHeader(header []byte, name string) ([]byte, Saved, string, error) {
+// domain of the same name; the saved UUID is the parent's). Unless
+// keepMACs, every NIC gets a new MAC address too: the saved ones are the
+// parent's, and Linux's netfront takes the address xenstore gives it when
+// it reconnects after the restore. Everything else of the configuration
+// — devices, memory, vCPUs — stays the parent's, which the image's state
+// needs. It also returns the saved configuration's summary and the new
+// UUID.
+func renameSaveHeader(header []byte, name string, keepMACs bool) ([]byte, Saved, string, error) {
 	config, err := parseSaveHeader(header)
 	if err != nil {
 		return nil, Saved{}, "", err
@@ -154,11 +157,38 @@ func renameSaveHeader(header []byte, name string) ([]byte, Saved, string, error)
 	if top["c_info"], err = json.Marshal(cinfo); err != nil {
 		return nil, Saved{}, "", err
 	}
+	if raw, ok := top["nics"]; ok && !keepMACs {
+		var nics []map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &nics); err != nil {
+			return nil, Saved{}, "", fmt.Errorf("%w: configuration's nics: %v", ErrBadSaveFile, err)
+		}
+		for _, nic := range nics {
+			mac, err := newMAC()
+			if err != nil {
+				return nil, Saved{}, "", err
+			}
+			nic["mac"], _ = json.Marshal(mac)
+		}
+		if top["nics"], err = json.Marshal(nics); err != nil {
+			return nil, Saved{}, "", err
+		}
+	}
 	out, err := json.Marshal(top)
 	if err != nil {
 		return nil, Saved{}, "", err
 	}
 	return buildSaveHeader(out), saved, uuid, nil
+}
+
+// newMAC returns a random MAC address in Xen's OUI, 00:16:3e, with the
+// top bit of the rest clear, as libxl makes them (libxl_nic.c,
+// libxl__device_nic_setdefault).
+func newMAC() (string, error) {
+	var r [3]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("00:16:3e:%02x:%02x:%02x", r[0]&0x7f, r[1], r[2]), nil
 }
 
 // readSaveHeader reads an xl save-file header and its optional data from

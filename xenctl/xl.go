@@ -122,6 +122,8 @@ type Info struct {
 	Kernel      string `json:"kernel,omitempty"`
 	Ramdisk     string `json:"ramdisk,omitempty"`
 	Cmdline     string `json:"cmdline,omitempty"`
+	// MACs are the NICs' MAC addresses, in the configuration's order.
+	MACs []string `json:"macs,omitempty"`
 
 	// From the hypervisor (xl list).
 	MemMB       uint64  `json:"mem_mb"` // current allocation
@@ -246,10 +248,16 @@ type listLong struct {
 			Ramdisk     string `json:"ramdisk"`
 			Cmdline     string `json:"cmdline"`
 		} `json:"b_info"`
+		NICs []struct {
+			MAC string `json:"mac"`
+		} `json:"nics"`
 	} `json:"config"`
 }
 
-var uuidPattern = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+var (
+	uuidPattern = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+	macPattern  = regexp.MustCompile(`^[0-9a-f]{2}(:[0-9a-f]{2}){5}$`)
+)
 
 // parseListLong parses `xl list -l <domain>`, which must describe exactly
 // the domain want. xl prints an empty array, and exits 0, when it cannot
@@ -285,6 +293,12 @@ func parseListLong(out []byte, want uint32) (Info, error) {
 	}
 	info.MaxVCPUs, info.MaxMemKB, info.TargetMemKB = b.MaxVCPUs, b.MaxMemKB, b.TargetMemKB
 	info.Kernel, info.Ramdisk, info.Cmdline = b.Kernel, b.Ramdisk, b.Cmdline
+	for _, nic := range d.Config.NICs {
+		if !macPattern.MatchString(nic.MAC) {
+			return info, fmt.Errorf("%w: mac %q", ErrBadOutput, nic.MAC)
+		}
+		info.MACs = append(info.MACs, nic.MAC)
+	}
 	return info, nil
 }
 

@@ -3,66 +3,74 @@ package xenctl
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 )
 
+// Real xl output, from Xen 4.17 in the nested test bed (realxen_test.go
+// writes them with -update): a 128 MiB PVH domain named "life", domain 1,
+// made by Create with a NIC, and paused.
+var (
+	listLongPVH   = fixture("list-l-pvh.json")
+	listPaused    = fixture("list-paused.txt")
+	listVerbPause = fixture("list-v-paused.txt")
+	// savedConfigPVH is the configuration in the header of a real xl save
+	// (Capture) of a 128 MiB PVH domain named "parent", with a NIC.
+	savedConfigPVH = fixture("saved-config-pvh.json")
+)
+
+func fixture(name string) string {
+	b, err := os.ReadFile(filepath.Join("testdata", "xl", name))
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}
+
 // listLine prints one domain the way xl list does (tools/xl/xl_info.c
 // list_domains: the header, then "%-40s %5d %5lu %5d     %c%c%c%c%c%c
-// %8.1f").
+// %8.1f"), for the fake xl; TestListLineIsXL holds it to real output.
 func listLine(name string, id, mem, vcpus int, state string, secs float64) string {
 	return "Name                                        ID   Mem VCPUs\tState\tTime(s)\n" +
 		fmt.Sprintf("%-40s %5d %5d %5d     %s  %8.1f\n", name, id, mem, vcpus, state, secs)
 }
 
-// listLong is what xl list -l prints for a PVH domain made by Create, as
-// libxl's generated JSON writes it through yajl's beautifier (4-space
-// indent; enums as lowercase strings; default-valued fields omitted;
-// the keyed union as "type.pvh").
-const listLongPVH = `[
-    {
-        "domid": 3,
-        "config": {
-            "c_info": {
-                "type": "pvh",
-                "name": "sf-parent",
-                "uuid": "6f1c8e3a-2d4b-4c55-9a0e-3f2b1c4d5e6f",
-                "run_hotplug_scripts": "True"
-            },
-            "b_info": {
-                "max_vcpus": 2,
-                "avail_vcpus": [
-                    0,
-                    1
-                ],
-                "numa_placement": "True",
-                "max_memkb": 262144,
-                "target_memkb": 262144,
-                "shadow_memkb": 3072,
-                "sched_params": {
+// listVerbose prints one domain the way xl list -v does: the line of
+// listLine, then the UUID, the shutdown reason and the security label.
+func listVerbose(name string, id, mem, vcpus int, state string, secs float64, uuid string) string {
+	out := strings.Replace(listLine(name, id, mem, vcpus, state, secs), "Time(s)",
+		"Time(s)   UUID                            Reason-Code\tSecurity Label", 1)
+	return strings.TrimSuffix(out, "\n") + fmt.Sprintf(" %s %8s %16s\n", uuid, "-", "-")
+}
 
-                },
-                "kernel": "/boot/vmlinuz",
-                "cmdline": "console=hvc0 quiet",
-                "ramdisk": "/boot/initrd.img",
-                "type.pvh": {
-                    "pvshim": "False"
-                },
-                "arch_arm": {
+// fixtureField is field i of the domain's line in an xl list fixture;
+// the CPU time (field 5) and UUID (field 6) differ from run to run.
+func fixtureField(out string, i int) string {
+	return strings.Fields(strings.Split(out, "\n")[1])[i]
+}
 
-                },
-                "arch_x86": {
-                    "msr_relaxed": "False"
-                }
-            },
-            "on_reboot": "restart",
-            "on_watchdog": "destroy",
-            "on_crash": "destroy",
-            "on_soft_reset": "soft_reset"
-        }
-    }
-]
-`
+func fixtureSeconds() float64 {
+	secs, err := strconv.ParseFloat(fixtureField(listPaused, 5), 64)
+	if err != nil {
+		panic(err)
+	}
+	return secs
+}
+
+func TestListLineIsXL(t *testing.T) {
+	secs := fixtureSeconds()
+	if got := listLine("life", 1, 128, 1, "--p---", secs); got != listPaused {
+		t.Errorf("listLine:\n%q\nxl list:\n%q", got, listPaused)
+	}
+	uuid := fixtureField(listVerbPause, 6)
+	if got := listVerbose("life", 1, 128, 1, "--p---", fixtureSeconds(), uuid); got != listVerbPause {
+		t.Errorf("listVerbose:\n%q\nxl list -v:\n%q", got, listVerbPause)
+	}
+}
 
 func TestParseDomid(t *testing.T) {
 	tests := []struct {
@@ -97,6 +105,7 @@ func TestParseState(t *testing.T) {
 		{"---s--", State{Shutdown: true, Reason: '-'}, true}, // powered off
 		{"---sc-", State{Shutdown: true, Reason: 'c'}, true},
 		{"---sr-", State{Shutdown: true, Reason: 'r'}, true},
+		{"-bp---", State{Blocked: true, Paused: true, Reason: '-'}, true}, // real xl, a paused idle guest
 		{"-bps-d", State{Blocked: true, Paused: true, Shutdown: true, Reason: '-', Dying: true}, true},
 		{"------", State{Reason: '-'}, true},
 		{"rb----x", State{}, false},
@@ -116,58 +125,64 @@ func TestParseState(t *testing.T) {
 }
 
 func TestParseList(t *testing.T) {
-	name, info, err := parseList([]byte(listLine("sf-parent", 3, 256, 2, "-b----", 12.5)), 3)
-	if err != nil || name != "sf-parent" || info.ID != 3 || info.MemMB != 256 || info.OnlineVCPUs != 2 ||
-		!info.State.Blocked || info.CPUSeconds != 12.5 {
+	name, info, err := parseList([]byte(listPaused), 1)
+	if err != nil || name != "life" || info.ID != 1 || info.MemMB != 128 || info.OnlineVCPUs != 1 ||
+		info.State != (State{Paused: true, Reason: '-'}) || info.CPUSeconds != fixtureSeconds() {
 		t.Fatalf("%q %+v %v", name, info, err)
 	}
 	long := strings.Repeat("n", 50) // longer than the column
 	if name, _, err := parseList([]byte(listLine(long, 7, 128, 1, "r-----", 0)), 7); err != nil || name != long {
 		t.Fatalf("long name: %q, %v", name, err)
 	}
+	// xl list -v's extra columns are not xl list's.
+	if _, _, err := parseList([]byte(listVerbPause), 1); !errors.Is(err, ErrBadOutput) {
+		t.Errorf("xl list -v: %v", err)
+	}
 	for i, bad := range []string{
 		"",
-		listLine("a", 3, 256, 1, "-b----", 1)[:60],
-		listLine("a", 4, 256, 1, "-b----", 1), // another domain
-		listLine("a", 3, 256, 1, "-b-", 1),
-		strings.Replace(listLine("a", 3, 256, 1, "-b----", 1), "Name", "Nom", 1),
-		listLine("a", 3, 256, 1, "-b----", 1) + listLine("b", 3, 256, 1, "-b----", 1),
-		strings.Replace(listLine("a", 3, 256, 1, "-b----", 1), "1.0", "NaN", 1),
+		listPaused[:60],
+		strings.Replace(listPaused, "   1   128", "   4   128", 1), // another domain
+		strings.Replace(listPaused, "--p---", "--p", 1),
+		strings.Replace(listPaused, "Name", "Nom", 1),
+		listPaused + strings.SplitAfter(listPaused, "\n")[1],
+		strings.Replace(listPaused, fixtureField(listPaused, 5), "NaN", 1),
 	} {
-		if _, _, err := parseList([]byte(bad), 3); !errors.Is(err, ErrBadOutput) {
+		if _, _, err := parseList([]byte(bad), 1); !errors.Is(err, ErrBadOutput) {
 			t.Errorf("#%d: %v", i, err)
 		}
 	}
 }
 
 func TestParseListLong(t *testing.T) {
-	info, err := parseListLong([]byte(listLongPVH), 3)
+	info, err := parseListLong([]byte(listLongPVH), 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Info{ID: 3, Name: "sf-parent", UUID: "6f1c8e3a-2d4b-4c55-9a0e-3f2b1c4d5e6f", Type: TypePVH,
-		MaxVCPUs: 2, MaxMemKB: 262144, TargetMemKB: 262144, Kernel: "/boot/vmlinuz", Ramdisk: "/boot/initrd.img",
-		Cmdline: "console=hvc0 quiet"}
-	if info != want {
+	uuid := fixtureField(listVerbPause, 6)
+	want := Info{ID: 1, Name: "life", UUID: uuid, Type: TypePVH, MaxVCPUs: 1, MaxMemKB: 131072, TargetMemKB: 131072,
+		Kernel: "/guest/vmlinux", Ramdisk: "/guest/initrd.cpio", Cmdline: "console=hvc0", MACs: info.MACs}
+	if !reflect.DeepEqual(info, want) || len(info.MACs) != 1 || !macPattern.MatchString(info.MACs[0]) {
 		t.Fatalf("got %+v\nwant %+v", info, want)
 	}
+	mac := info.MACs[0]
+	one := strings.TrimSuffix(strings.TrimPrefix(strings.TrimSpace(listLongPVH), "["), "]")
 	for i, bad := range []string{
 		"[\n]\n", // xl could not read the configuration
 		"",
 		"{}",
 		listLongPVH[:100],
-		strings.Replace(listLongPVH, `"domid": 3`, `"domid": 4`, 1),
-		strings.Replace(listLongPVH, `"domid": 3`, `"domid": null`, 1),
+		strings.Replace(listLongPVH, `"domid": 1`, `"domid": 4`, 1),
+		strings.Replace(listLongPVH, `"domid": 1`, `"domid": null`, 1),
 		strings.Replace(listLongPVH, `"pvh"`, `"pvx"`, 1),
-		strings.Replace(listLongPVH, `"name": "sf-parent"`, `"name": ""`, 1),
-		strings.Replace(listLongPVH, `"name": "sf-parent"`, `"name": "a\nb"`, 1),
-		strings.Replace(listLongPVH, `6f1c8e3a`, `zzzz`, 1),
-		strings.Replace(listLongPVH, `"max_memkb": 262144`, `"max_memkb": -1`, 1),
-		strings.Replace(listLongPVH, `"max_vcpus": 2`, `"max_vcpus": 100000`, 1),
-		"[" + strings.TrimSuffix(strings.TrimPrefix(strings.TrimSpace(listLongPVH), "["), "]") + "," +
-			strings.TrimSuffix(strings.TrimPrefix(strings.TrimSpace(listLongPVH), "["), "]") + "]",
+		strings.Replace(listLongPVH, `"name": "life"`, `"name": ""`, 1),
+		strings.Replace(listLongPVH, `"name": "life"`, `"name": "a\nb"`, 1),
+		strings.Replace(listLongPVH, uuid, "zzzz", 1),
+		strings.Replace(listLongPVH, `"max_memkb": 131072`, `"max_memkb": -1`, 1),
+		strings.Replace(listLongPVH, `"max_vcpus": 1`, `"max_vcpus": 100000`, 1),
+		strings.Replace(listLongPVH, mac, "00:16:3e:zz:00:00", 1),
+		"[" + one + "," + one + "]",
 	} {
-		if _, err := parseListLong([]byte(bad), 3); !errors.Is(err, ErrBadOutput) {
+		if _, err := parseListLong([]byte(bad), 1); !errors.Is(err, ErrBadOutput) {
 			t.Errorf("#%d: %v", i, err)
 		}
 	}
@@ -179,8 +194,9 @@ func TestParseListLong(t *testing.T) {
 //	go test -run '^$' -fuzz '^FuzzParseXLOutput$' -fuzztime=20s -fuzzminimizetime=200x ./xenctl
 func FuzzParseXLOutput(f *testing.F) {
 	f.Add([]byte("3\n"))
-	f.Add([]byte(listLine("sf-parent", 3, 256, 2, "-b----", 12.5)))
-	f.Add([]byte(listLongPVH))
+	f.Add([]byte(listPaused))
+	f.Add([]byte(strings.Replace(listPaused, "   1   128", "   3   128", 1)))
+	f.Add([]byte(strings.Replace(listLongPVH, `"domid": 1`, `"domid": 3`, 1)))
 	f.Add([]byte("[]"))
 	f.Fuzz(func(t *testing.T, out []byte) {
 		if id, err := parseDomid(out); err == nil {

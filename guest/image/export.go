@@ -340,3 +340,24 @@ func archiveEntry(f ArchiveFile) (cpioEntry, error) {
 	}
 	return cpioEntry{}, fmt.Errorf("%w: %s: unsupported mode %v", ErrBadPath, f.Name, f.Mode)
 }
+
+// WriteMinimalInitramfs writes, under dir, an initramfs for test guests:
+// /proc, /sys, /dev with /dev/console, the given files (an /init among
+// them), and kernel's modules listed in /etc/modules for the init to load.
+// It returns the archive's path.
+func WriteMinimalInitramfs(dir string, kernel *Kernel, files ...ArchiveFile) (string, error) {
+	all := append(files,
+		ArchiveFile{Name: "/proc", Mode: fs.ModeDir | 0o755},
+		ArchiveFile{Name: "/sys", Mode: fs.ModeDir | 0o755},
+		ArchiveFile{Name: "/dev", Mode: fs.ModeDir | 0o755},
+		ArchiveFile{Name: "/dev/console", Mode: fs.ModeDevice | fs.ModeCharDevice | 0o600, Major: 5, Minor: 1},
+	)
+	var mods strings.Builder
+	for _, m := range kernel.Modules {
+		all = append(all, ArchiveFile{Name: m.Path, Mode: 0o644, Host: m.HostPath})
+		mods.WriteString(m.Path + "\n")
+	}
+	all = append(all, ArchiveFile{Name: "/etc/modules", Mode: 0o644, Data: []byte(mods.String())})
+	initrd, _, _, err := WriteArchive(dir, all, false)
+	return initrd, err
+}

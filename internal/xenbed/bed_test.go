@@ -3,7 +3,6 @@ package xenbed
 import (
 	"context"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -144,21 +143,9 @@ func buildGuest(ctx context.Context, dir string, log hclog.Logger) (map[string]s
 	if err != nil {
 		return nil, err
 	}
-	files := []image.ArchiveFile{
-		{Name: "/init", Mode: 0o755, Data: []byte(guestInit)},
-		{Name: "/bin/busybox", Mode: 0o755, Host: busybox},
-		{Name: "/proc", Mode: fs.ModeDir | 0o755},
-		{Name: "/sys", Mode: fs.ModeDir | 0o755},
-		{Name: "/dev", Mode: fs.ModeDir | 0o755},
-		{Name: "/dev/console", Mode: fs.ModeDevice | fs.ModeCharDevice | 0o600, Major: 5, Minor: 1},
-	}
-	var mods strings.Builder
-	for _, m := range kernel.Modules {
-		files = append(files, image.ArchiveFile{Name: m.Path, Mode: 0o644, Host: m.HostPath})
-		mods.WriteString(m.Path + "\n")
-	}
-	files = append(files, image.ArchiveFile{Name: "/etc/modules", Mode: 0o644, Data: []byte(mods.String())})
-	initrd, _, _, err := image.WriteArchive(dir, files, false)
+	initrd, err := image.WriteMinimalInitramfs(dir, kernel,
+		image.ArchiveFile{Name: "/init", Mode: 0o755, Data: []byte(guestInit)},
+		image.ArchiveFile{Name: "/bin/busybox", Mode: 0o755, Host: busybox})
 	if err != nil {
 		return nil, err
 	}

@@ -299,6 +299,31 @@ func (m memPages) Page(pfn uint64, dst []byte) error {
 	return nil
 }
 
+// runPagesSource is memPages as a PageRunSource that records the runs it
+// was asked for and refuses single pages.
+type runPagesSource struct {
+	pages memPages
+	runs  []uint64 // the length of each run asked for
+}
+
+func (r *runPagesSource) Page(pfn uint64, dst []byte) error {
+	return fmt.Errorf("Page(%#x) of a PageRunSource", pfn)
+}
+
+func (r *runPagesSource) PageRun(pfn uint64, dst []byte) error {
+	if len(dst) == 0 || len(dst)%PageSize != 0 {
+		return fmt.Errorf("PageRun(%#x) into %d bytes", pfn, len(dst))
+	}
+	n := uint64(len(dst) / PageSize)
+	for i := range n {
+		if err := r.pages.Page(pfn+i, dst[i*PageSize:(i+1)*PageSize]); err != nil {
+			return err
+		}
+	}
+	r.runs = append(r.runs, n)
+	return nil
+}
+
 // patterned is a PageSource of pages that are never all zeros.
 type patterned struct{}
 

@@ -17,6 +17,21 @@ type PageSource interface {
 	Page(pfn uint64, dst []byte) error
 }
 
+// PageRunSource is a PageSource that also fills a run of consecutive
+// stored pages in one call, as a file does with one read. Rebuild uses
+// PageRun, in stream order and from its own goroutine, for every run of
+// stored pages in a PAGE_DATA record (at most runPages at a time), and
+// never calls Page then.
+type PageRunSource interface {
+	PageSource
+	// PageRun fills dst, a multiple of PageSize bytes valid only during
+	// the call, with the payloads of the pages from pfn on.
+	PageRun(pfn uint64, dst []byte) error
+}
+
+// runPages bounds the pages of one PageRun call: 1 MiB.
+const runPages = 256
+
 // Rebuild writes the image the descriptor was split from. Given the
 // payloads the sink received, the bytes are identical to the original's;
 // zero pages are written as zeros without asking src, which may be nil if
@@ -32,7 +47,10 @@ func (d *Descriptor) Rebuild(w io.Writer, src PageSource) error {
 	binary.BigEndian.PutUint32(h[8:], libxlVersion)
 	binary.BigEndian.PutUint32(h[12:], d.LibxlOptions)
 	out.write(h[:])
-	var page [PageSize]byte
+	buf := make([]byte, PageSize)
+	if _, ok := src.(PageRunSource); ok {
+		buf = make([]byte, runPages*PageSize)
+	}
 	for i := range d.Records {
 		rec := &d.Records[i]
 		n := rec.bodyLength()
@@ -41,7 +59,7 @@ func (d *Descriptor) Rebuild(w io.Writer, src PageSource) error {
 		binary.LittleEndian.PutUint32(rh[4:], uint32(n))
 		out.write(rh[:])
 		if rec.isPageData() {
-			if err := writePageData(out, rec.Pages, src, &page); err != nil {
+			if err := writePageData(out, rec.Pages, src, buf); err != nil {
 				return err
 			}
 		} else {
@@ -76,8 +94,9 @@ func (h LibxcHeader) encode() []byte {
 	return b
 }
 
-// writePageData writes a PAGE_DATA body: header, entries, payloads.
-func writePageData(out *stickyWriter, runs []PageRun, src PageSource, page *[PageSize]byte) error {
+// writePageData writes a PAGE_DATA body: header, entries, payloads. buf
+// holds one page, or runPages for a PageRunSource.
+func writePageData(out *stickyWriter, runs []PageRun, src PageSource, buf []byte) error {
 	var count uint64
 	for _, r := range runs {
 		count += uint64(r.Count)
@@ -96,18 +115,31 @@ func writePageData(out *stickyWriter, runs []PageRun, src PageSource, page *[Pag
 		if !PageTypeHasData(r.Type) {
 			continue
 		}
-		for pfn := r.PFN; pfn < r.PFN+uint64(r.Count) && out.err == nil; pfn++ {
-			if r.Zero {
+		if r.Zero {
+			for i := uint32(0); i < r.Count; i++ {
 				out.write(zeroPage[:])
-				continue
 			}
-			if src == nil {
-				return fmt.Errorf("xcstream: no page source for stored PFN %#x", pfn)
+			continue
+		}
+		if src == nil {
+			return fmt.Errorf("xcstream: no page source for stored PFN %#x", r.PFN)
+		}
+		rs, _ := src.(PageRunSource)
+		end := r.PFN + uint64(r.Count)
+		for pfn := r.PFN; pfn < end && out.err == nil; {
+			n := uint64(1)
+			var err error
+			if rs != nil {
+				n = min(end-pfn, runPages)
+				err = rs.PageRun(pfn, buf[:n*PageSize])
+			} else {
+				err = src.Page(pfn, buf)
 			}
-			if err := src.Page(pfn, page[:]); err != nil {
+			if err != nil {
 				return fmt.Errorf("xcstream: page source, PFN %#x: %w", pfn, err)
 			}
-			out.write(page[:])
+			out.write(buf[:n*PageSize])
+			pfn += n
 		}
 	}
 	return nil

@@ -73,6 +73,24 @@ func TestSplitRebuild(t *testing.T) {
 			t.Fatalf("#%d %s: rebuilt sha256 %s, want %s (%d/%d bytes)", i, tt.name, sum(out.Bytes()), sum(in), out.Len(), len(in))
 		}
 
+		// From a PageRunSource: the same bytes, a call per run of stored
+		// pages of at most runPages.
+		runs := &runPagesSource{pages: sink}
+		out.Reset()
+		if err := d.Rebuild(&out, runs); err != nil || sum(out.Bytes()) != sum(in) {
+			t.Fatalf("#%d %s: Rebuild from runs: %v", i, tt.name, err)
+		}
+		var fromRuns uint64
+		for _, n := range runs.runs {
+			if n > runPages {
+				t.Errorf("#%d %s: a run of %d pages", i, tt.name, n)
+			}
+			fromRuns += n
+		}
+		if fromRuns != uint64(len(sink)) || (len(sink) > runPages && len(runs.runs) >= len(sink)) {
+			t.Errorf("#%d %s: %d pages in %d runs, want %d pages in fewer runs", i, tt.name, fromRuns, len(runs.runs), len(sink))
+		}
+
 		b, err := d.MarshalBinary()
 		if err != nil {
 			t.Fatalf("#%d %s: MarshalBinary: %v", i, tt.name, err)

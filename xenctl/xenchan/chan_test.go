@@ -298,6 +298,59 @@ func TestCloneGetsGreetingAndInterrupts(t *testing.T) {
 	}
 }
 
+// TestCloneCallsRightAfterTheGreeting: a clone that calls again the
+// moment its greeting arrives, as a SnowFlock clone does once clone()
+// returns, has that call answered by its new host, even when the call is
+// written before the scan that delivered the greeting has finished. (On
+// real Xen that scan failed the new call with CodeInterrupted.)
+func TestCloneCallsRightAfterTheGreeting(t *testing.T) {
+	m := newMemStore()
+	prepare(t, m, 5, Setup{})
+	parentHost := startHost(t, m, 5)
+	taken := make(chan uint64, 1)
+	serve(t, parentHost, func(r *guestchan.Request) *guestchan.Response { taken <- r.ID; return nil })
+	g, gv, gw := startGuest(t, m, 5)
+	mux := guest.NewMux(g)
+	ctx := testCtx(t)
+	cloneRes := make(chan error, 1)
+	go func() {
+		var r guestchan.CloneResult
+		err := mux.Call(ctx, guestchan.CallClone, guestchan.TicketRef{Ticket: 7}, &r)
+		if err == nil && r.CloneID != 3 {
+			err = fmt.Errorf("clone ID %d", r.CloneID)
+		}
+		if err == nil {
+			// The clone's next call, at once.
+			var back guestchan.TicketRef
+			err = mux.Call(ctx, guestchan.CallTicketInfo, guestchan.TicketRef{Ticket: 9}, &back)
+		}
+		cloneRes <- err
+	}()
+	cloneID := <-taken
+
+	// The guest's scan in the clone marks the greeting done only once the
+	// next call's request is complete.
+	next := make(chan struct{})
+	var once sync.Once
+	m.beforeWrite = func(p string) {
+		home := PathsFor(8).Home
+		switch {
+		case strings.HasPrefix(p, home+"/"+ReqDir+"/") && strings.HasSuffix(p, "/n"):
+			once.Do(func() { close(next) })
+		case p == fmt.Sprintf("%s/%s/%d", home, DoneDir, cloneID):
+			<-next
+		}
+	}
+	greet, _ := guestchan.Answer(cloneID, guestchan.CloneResult{CloneID: 3, Ticket: 7})
+	prepare(t, m, 8, Setup{Greeting: []*guestchan.Response{greet}})
+	cloneHost := startHost(t, m, 8)
+	serve(t, cloneHost, echo)
+	gv.move(8, gw)
+	if err := <-cloneRes; err != nil {
+		t.Fatalf("in the clone: %v", err)
+	}
+}
+
 func TestRestartedHostAnswersTakenCalls(t *testing.T) {
 	m := newMemStore()
 	prepare(t, m, 5, Setup{})

@@ -65,9 +65,12 @@
 // owes to calls pending at capture (Setup.Greeting: the clone call with k,
 // the others CodeInterrupted), the identity, and last a new epoch. The
 // watch's first event in the new domain makes the Guest scan: it delivers
-// the greeting and, having seen the epoch change, fails every call still
-// outstanding with CodeInterrupted, because the new domain's host never
-// saw them. A parent checkpointed with `xl save -c` keeps its domain, tree
+// the greeting and, having seen the epoch change, fails with
+// CodeInterrupted every outstanding call whose request is in the new
+// domain neither as req/<id> nor as the host's resp/<id>, because the new
+// domain's host never saw it. (Calls made since the resume are there: a
+// clone may call again the moment its greeting arrives, before that scan
+// ends.) A parent checkpointed with `xl save -c` keeps its domain, tree
 // and epoch, and notices nothing.
 //
 // A host daemon that restarts makes a new Host for the domain: the calls

@@ -20,8 +20,8 @@ import (
 // working in a restored clone, whose xenstore connection belongs to a new
 // domain. It notices a new domain by its epoch: then it delivers the
 // answers the host left for it (a clone's greeting) and fails the calls
-// still outstanding with CodeInterrupted, since nobody in the new domain
-// knows of them.
+// whose requests stayed in the old domain with CodeInterrupted, since
+// nobody in the new domain knows of them.
 type Guest struct {
 	st     Store
 	events <-chan xenstore.Event
@@ -195,13 +195,14 @@ func (g *Guest) scan(ctx context.Context) error {
 			delete(g.delivered, id) // the host removed it
 		}
 	}
+	g.mu.Unlock()
 	var lost []uint64
 	if replaced {
-		for id := range g.outstanding {
-			lost = append(lost, id)
+		if lost, err = g.lostCalls(ctx); err != nil {
+			return err // the epoch stays: the next scan tries again
 		}
-		clear(g.outstanding)
 	}
+	g.mu.Lock()
 	g.epoch = epoch
 	g.mu.Unlock()
 	for _, id := range lost {
@@ -212,6 +213,49 @@ func (g *Guest) scan(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// lostCalls finds, in a new domain, the outstanding calls whose request
+// is not there: written in the old domain, they will never be answered.
+// It removes them from the outstanding calls and returns them. Calls made
+// since the guest resumed are in the new domain, as a request or as the
+// host's resp/<id>: the guest may call again the moment its greeting
+// arrives, before this scan ends (a real clone did). The host writes
+// resp/<id> before it removes req/<id>, so looking at req, then resp,
+// cannot miss a request. Writes wait meanwhile, so that no request is
+// between its first node and its count.
+func (g *Guest) lostCalls(ctx context.Context) ([]uint64, error) {
+	g.wmu.Lock()
+	defer g.wmu.Unlock()
+	g.mu.Lock()
+	ids := make([]uint64, 0, len(g.outstanding))
+	for id := range g.outstanding {
+		ids = append(ids, id)
+	}
+	g.mu.Unlock()
+	var lost []uint64
+	for _, id := range ids {
+		here := false
+		for _, p := range []string{fmt.Sprintf("%s/%d/n", ReqDir, id), fmt.Sprintf("%s/%d", RespDir, id)} {
+			_, err := g.st.Read(ctx, p)
+			if err == nil {
+				here = true
+				break
+			}
+			if !errors.Is(err, xenstore.ErrNotFound) {
+				return nil, err
+			}
+		}
+		if !here {
+			lost = append(lost, id)
+		}
+	}
+	g.mu.Lock()
+	for _, id := range lost {
+		delete(g.outstanding, id)
+	}
+	g.mu.Unlock()
+	return lost, nil
 }
 
 func (g *Guest) deliver(ctx context.Context, line []byte) error {

@@ -345,9 +345,9 @@ func (h *Host) take(ctx context.Context, name string) error {
 	}
 	// The request leaves the guest's area whatever it was; an empty
 	// resp/<id> marks it taken until the answer's count node says done.
-	if rerr := ignoreMissing(h.st.Rm(ctx, dir)); rerr != nil {
-		return rerr
-	}
+	// resp/<id> is made before req/<id> goes, so that a guest looking
+	// for its call in a new domain (Guest.lostCalls) finds one or the
+	// other.
 	if err != nil {
 		h.malformed(err.Error())
 		code := guestchan.CodeBadRequest
@@ -355,13 +355,16 @@ func (h *Host) take(ctx context.Context, name string) error {
 			code = guestchan.CodeTooLarge
 		}
 		h.answer(ctx, guestchan.Fail(id, code, "%v", err))
-		return nil
+		return ignoreMissing(h.st.Rm(ctx, dir))
 	}
 	resp := fmt.Sprintf("%s/resp/%d", h.paths.Host, id)
 	if err := ignoreMissing(h.st.Rm(ctx, resp)); err != nil {
 		return err
 	}
 	if err := h.st.Write(ctx, resp, nil); err != nil {
+		return err
+	}
+	if err := ignoreMissing(h.st.Rm(ctx, dir)); err != nil {
 		return err
 	}
 	h.mu.Lock()

@@ -21,6 +21,9 @@ type memStore struct {
 	watchers []*memWatch
 	writes   int
 	failAt   int // the failAt-th write fails with ErrQuota (0: never)
+	// beforeWrite, if set, is called with each write's absolute path
+	// before it is made, without the store's lock.
+	beforeWrite func(path string)
 }
 
 type memWatch struct {
@@ -71,6 +74,9 @@ func (v *view) Read(ctx context.Context, p string) ([]byte, error) {
 func (v *view) Write(ctx context.Context, p string, val []byte) error {
 	if err := xenstore.ValidPath(p); err != nil {
 		return err
+	}
+	if hook := v.m.beforeWrite; hook != nil {
+		hook(v.abs(p))
 	}
 	v.m.mu.Lock()
 	defer v.m.mu.Unlock()

@@ -36,6 +36,9 @@ var ErrClosed = errors.New("xenstore: connection closed")
 type Client struct {
 	conn       io.ReadWriteCloser
 	payloadMax int
+	// slot, when set, admits one request at a time, from its write until
+	// its reply: see OpenDevice.
+	slot chan struct{}
 
 	wmu sync.Mutex // serialises writes: one message per Write
 
@@ -55,20 +58,24 @@ type call struct {
 	op        Op
 	reply     chan *Message // buffered; closed when the connection fails
 	abandoned bool          // its caller left; drop or undo the reply
+	slot      bool          // it holds the client's slot until it leaves pending
 }
 
 // NewClient runs the protocol over conn, which must carry xenstore
 // messages both ways (a socket to xenstored, or any byte stream that
 // forwards to one). The client owns conn and closes it.
-func NewClient(conn io.ReadWriteCloser) *Client { return newClient(conn, PayloadMax) }
+func NewClient(conn io.ReadWriteCloser) *Client { return newClient(conn, PayloadMax, false) }
 
-func newClient(conn io.ReadWriteCloser, payloadMax int) *Client {
+func newClient(conn io.ReadWriteCloser, payloadMax int, oneAtATime bool) *Client {
 	c := &Client{
 		conn:       conn,
 		payloadMax: payloadMax,
 		pending:    map[uint32]*call{},
 		watches:    map[string]*Watch{},
 		done:       make(chan struct{}),
+	}
+	if oneAtATime {
+		c.slot = make(chan struct{}, 1)
 	}
 	go c.read()
 	return c
@@ -107,12 +114,22 @@ func DialUnix(ctx context.Context, path string) (*Client, error) {
 // xenstore. The kernel relays requests, registers watches on the caller's
 // behalf (and registers them again after the domain is restored), and
 // accepts at most DevicePayloadMax bytes of payload.
+//
+// The client sends one request at a time through the device and waits for
+// its reply before the next, as libxenstore does: Linux queues a request
+// to the xenstore ring with its payload still in the open file's message
+// buffer, which the next write() overwrites, so a second request written
+// before the first is on the ring corrupts it
+// (drivers/xen/xenbus/xenbus_dev_frontend.c, xenbus_write_transaction;
+// xenbus_xs.c, xenbus_dev_request_and_reply). On real Xen that turned a
+// guest's write of its own node into a write of another path, refused
+// with EACCES.
 func OpenDevice(path string) (*Client, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("xenstore: %w", err)
 	}
-	return newClient(f, DevicePayloadMax), nil
+	return newClient(f, DevicePayloadMax, true), nil
 }
 
 // Dial connects to xenstore the way libxenstore does: XENSTORED_PATH if
@@ -186,7 +203,9 @@ func (c *Client) read() {
 		// reply in its channel.
 		c.mu.Lock()
 		cl := c.pending[m.ReqID]
-		delete(c.pending, m.ReqID)
+		if cl != nil {
+			c.leave(m.ReqID, cl)
+		}
 		abandoned := cl != nil && cl.abandoned
 		if cl != nil && !abandoned {
 			cl.reply <- m // buffered: never blocks
@@ -254,7 +273,7 @@ func (c *Client) fail(cause error) {
 	}
 	for id, cl := range c.pending {
 		close(cl.reply)
-		delete(c.pending, id)
+		c.leave(id, cl)
 	}
 	watches := c.watches
 	c.watches = map[string]*Watch{}
@@ -277,9 +296,22 @@ func (c *Client) do(ctx context.Context, tx uint32, op Op, path string, payload 
 		return nil, err
 	}
 	cl := &call{op: op, reply: make(chan *Message, 1)}
+	if c.slot != nil {
+		select {
+		case c.slot <- struct{}{}:
+			cl.slot = true
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-c.done:
+			return nil, c.Err()
+		}
+	}
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
+		if cl.slot {
+			<-c.slot
+		}
 		return nil, c.err
 	}
 	id := c.nextReq
@@ -342,8 +374,20 @@ func (c *Client) do(ctx context.Context, tx uint32, op Op, path string, payload 
 
 func (c *Client) forget(id uint32) {
 	c.mu.Lock()
-	delete(c.pending, id)
+	if cl := c.pending[id]; cl != nil {
+		c.leave(id, cl)
+	}
 	c.mu.Unlock()
+}
+
+// leave removes a call from pending, releasing the slot it holds: its
+// reply came, it was never sent, or the connection failed. c.mu is held.
+func (c *Client) leave(id uint32, cl *call) {
+	delete(c.pending, id)
+	if cl.slot {
+		cl.slot = false
+		<-c.slot
+	}
 }
 
 // The operations below exist on Client (outside any transaction) and on

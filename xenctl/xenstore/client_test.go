@@ -114,6 +114,47 @@ func TestCallsOverlapAndMatchByID(t *testing.T) {
 	}
 }
 
+// TestDeviceSendsOneRequestAtATime: through Linux's xenbus device a
+// request is written only once the previous one has its reply (see
+// OpenDevice), even when its caller gave up waiting; watch events pass
+// meanwhile.
+func TestDeviceSendsOneRequestAtATime(t *testing.T) {
+	a, b := net.Pipe()
+	c := newClient(a, DevicePayloadMax, true)
+	t.Cleanup(func() { c.Close(); b.Close() })
+	p := &peer{t: t, conn: b}
+	errs := make(chan error, 3)
+	gaveUp, cancel := context.WithCancel(ctx(t))
+	go func() { _, err := c.Read(gaveUp, "/first"); errs <- err }()
+	first := p.recv()
+	for _, path := range []string{"/second", "/third"} {
+		go func() { errs <- c.Write(ctx(t), path, []byte("v")) }()
+	}
+	cancel()
+	if err := <-errs; !errors.Is(err, context.Canceled) {
+		t.Fatalf("abandoned read: %v", err)
+	}
+	p.event("/watched", "nobody")
+	p.conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if m, err := ReadMessage(p.conn); err == nil {
+		t.Fatalf("%s %q written before /first's reply", m.Type, m.Payload)
+	}
+	p.reply(first, "late")
+	for range 2 {
+		m := p.recv()
+		p.conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if extra, err := ReadMessage(p.conn); err == nil {
+			t.Fatalf("%q written while %q waits for its reply", extra.Payload, m.Payload)
+		}
+		p.reply(m, "OK\x00")
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Errorf("write: %v", err)
+		}
+	}
+}
+
 func TestRequestPayloads(t *testing.T) {
 	c, p := newPair(t)
 	tests := []struct {

@@ -29,6 +29,7 @@
 // and so are the paths of events of watches registered relatively, which
 // is what lets a guest's code outlive a change of domain ID (a restored
 // clone). Linux's xenbus device adds its own limits: a message of at most
-// PayloadMax bytes including the header, and it answers watch requests
-// itself.
+// PayloadMax bytes including the header, one request at a time (a client
+// of the device waits for each reply before it writes the next; see
+// OpenDevice), and it answers watch requests itself.
 package xenstore
