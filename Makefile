@@ -4,7 +4,7 @@ GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 BIN := bin
 FUZZTIME ?= 30s
 
-.PHONY: all build test test-xen vet fmt-check demo bench bench-coord bench-boot bench-clone bench-mcast fuzz clean
+.PHONY: all build test test-xen vet fmt-check demo bench bench-coord bench-boot bench-clone bench-mcast bench-xen fuzz clean
 
 all: build
 
@@ -36,6 +36,10 @@ demo: build
 	$(BIN)/sfdemo
 
 bench: bench-coord bench-boot bench-clone bench-mcast
+
+# Real Xen nested in QEMU TCG: clone vs xl save + copy + xl restore (about 10 min).
+bench-xen:
+	$(GO) run ./bench/xen -out bench/results/xen.json
 
 bench-coord:
 	$(GO) run ./bench/coord -out bench/results/coord.json

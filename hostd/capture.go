@@ -227,6 +227,7 @@ func (d *Daemon) Clone(ctx context.Context, vmID, ticket, call uint64, inflight 
 			Message: fmt.Sprintf("ticket %d is %s; a ticket clones once", ticket, t.State)}
 	}
 	d.emit(Event{Kind: EventCloneCall, VM: vmID, Ticket: ticket})
+	d.log.Info("clone call", "vm", vmID, "ticket", ticket)
 	ls, err := d.capture(ctx, vmID, call, inflight, false)
 	if err != nil {
 		return guestchan.CloneResult{}, err

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -111,8 +112,41 @@ type Bed struct {
 	removeDir bool
 	hub       *hub
 	log       hclog.Logger
+	lock      *os.File // the machine-wide bed lock, held until Close
 	closeOnce sync.Once
 	closeErr  error
+}
+
+// lockPath is the file whose lock a bed holds while it runs: nested Xen
+// hosts on a small machine are slow enough alone, so beds of different
+// processes (packages tested in parallel) take turns.
+var lockPath = filepath.Join(os.TempDir(), "snowflock-xenbed.lock")
+
+// acquireLock waits for the machine-wide bed lock.
+func acquireLock(ctx context.Context, log hclog.Logger) (*os.File, error) {
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("xenbed: lock: %w", err)
+	}
+	for waited := false; ; waited = true {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("xenbed: lock: %w", err)
+		}
+		if !waited {
+			log.Info("waiting for another test bed on this machine to close", "lock", lockPath)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, context.Cause(ctx)
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // Host is one Xen host: a QEMU running Xen with a dom0 whose agent answers.
@@ -144,12 +178,17 @@ func Start(ctx context.Context, opts Options) (*Bed, error) {
 		return nil, err
 	}
 	b := &Bed{Image: img, dir: o.Dir, log: o.Logger}
+	if b.lock, err = acquireLock(ctx, o.Logger); err != nil {
+		return nil, err
+	}
 	if b.dir == "" {
 		if b.dir, err = os.MkdirTemp("", "xenbed-"); err != nil {
+			b.Close()
 			return nil, fmt.Errorf("xenbed: %w", err)
 		}
 		b.removeDir = true
 	} else if err := os.MkdirAll(b.dir, 0o755); err != nil {
+		b.Close()
 		return nil, fmt.Errorf("xenbed: %w", err)
 	}
 	if b.hub, err = newHub(o.Hosts); err != nil {
@@ -351,6 +390,9 @@ func (b *Bed) Close() error {
 			if err := os.RemoveAll(b.dir); err != nil {
 				errs = append(errs, err)
 			}
+		}
+		if b.lock != nil {
+			b.lock.Close() // releases the lock
 		}
 		b.closeErr = errors.Join(errs...)
 	})
