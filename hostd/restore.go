@@ -52,9 +52,9 @@ type GreetingDeliverer interface {
 // before they start: Xen restores a whole image.
 func eagerDriver(m descriptor.Meta) bool { return m.Driver == "xen" }
 
-// restoreTimeout bounds getting a clone running: fetching its descriptor
-// and starting its VM.
-const restoreTimeout = 2 * time.Minute
+// restoreTimeout bounds getting a clone running: fetching its descriptor,
+// for an eager restore (Xen) all of its memory, and starting its VM.
+const restoreTimeout = 10 * time.Minute
 
 // source is a descriptor that clones on this host run from: its device
 // state on disk and a lazily filled RAM file that every clone of it here

@@ -390,3 +390,39 @@ func checkFiles(extra map[string]string) error {
 
 // ErrBadFile reports an Options.Files entry that cannot go into dom0.
 var ErrBadFile = errors.New("xenbed: bad dom0 file")
+
+// XenTools unpacks Debian's Xen tools and libraries (the packages dom0
+// gets, less the hypervisor and the C runtime, which the machine has) into
+// the image cache, fetching them on first use, and returns the unpacked
+// trees: for running Xen's userspace, such as xenstored, outside a bed.
+func XenTools(ctx context.Context, cacheDir string, log hclog.Logger) ([]string, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	cache := cacheDir
+	if cache == "" {
+		var err error
+		if cache, err = image.DefaultCacheDir(); err != nil {
+			return nil, err
+		}
+	}
+	var names []string
+	for _, p := range dom0Packages {
+		if p != "xen-hypervisor-4.17-amd64" && p != "libc6" && p != "libgcc-s1" {
+			names = append(names, p)
+		}
+	}
+	debs, err := image.FetchDebs(ctx, cache, names, log)
+	if err != nil {
+		return nil, fmt.Errorf("xenbed: %w", err)
+	}
+	var roots []string
+	for _, deb := range debs {
+		root, err := unpackOnce(ctx, deb, filepath.Join(cache, "xenbed", "pkg"))
+		if err != nil {
+			return nil, err
+		}
+		roots = append(roots, root)
+	}
+	return roots, nil
+}

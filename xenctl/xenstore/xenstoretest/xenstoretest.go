@@ -10,10 +10,11 @@
 // domains (Introduce), where xenstored enforces permissions and quotas as
 // it does for real guests.
 //
-// Start skips the test when xenstored, its libraries or a C compiler are
-// missing. SNOWFLOCK_XEN_ROOT names the root of a Xen 4.17 userspace
-// (default "/", an installed xen-utils-4.17); a copy that is not installed
-// works too:
+// xenstored comes from an installed xen-utils-4.17, else from Debian's
+// packages, fetched and unpacked into the image cache as the Xen test bed
+// has them (internal/xenbed.XenTools). Start skips the test when that
+// fails or there is no C compiler (under CI=true a failed fetch fails).
+// SNOWFLOCK_XEN_ROOT names another root of a Xen 4.17 userspace, e.g.:
 //
 //	mkdir -p /tmp/xen && cd /tmp/xen
 //	apt-get download xen-utils-4.17 libxenmisc4.17 libxencall1 libxenevtchn1 \
@@ -35,6 +36,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -44,6 +46,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/snowflock-go/snowflock/internal/xenbed"
 	"github.com/snowflock-go/snowflock/xenctl/xenstore"
 )
 
@@ -139,14 +142,40 @@ func find(t testing.TB) (bin, libPath string) {
 		root = "/"
 	}
 	bins, _ := filepath.Glob(filepath.Join(root, "usr/lib/xen-*/bin/xenstored"))
-	if len(bins) == 0 {
-		t.Skipf("xenstoretest: no xenstored under %s (set %s; see the package comment)", root, RootEnv)
+	if len(bins) > 0 {
+		bin = bins[len(bins)-1]
+		if root != "/" {
+			libPath = filepath.Join(root, "usr/lib/x86_64-linux-gnu") + ":" + filepath.Join(filepath.Dir(filepath.Dir(bin)), "lib")
+		}
+		return bin, libPath
 	}
-	bin = bins[len(bins)-1]
-	if root != "/" {
-		libPath = filepath.Join(root, "usr/lib/x86_64-linux-gnu") + ":" + filepath.Join(filepath.Dir(filepath.Dir(bin)), "lib")
+	if os.Getenv(RootEnv) != "" {
+		t.Skipf("xenstoretest: no xenstored under %s (see the package comment)", root)
 	}
-	return bin, libPath
+	// Not installed: Debian's packages, unpacked into the image cache as
+	// the Xen test bed has them.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	roots, err := xenbed.XenTools(ctx, "", nil)
+	if err != nil {
+		msg := fmt.Sprintf("xenstoretest: no xenstored installed, and fetching Debian's Xen tools failed: %v", err)
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	var dirs []string
+	for _, r := range roots {
+		if b, _ := filepath.Glob(filepath.Join(r, "usr/lib/xen-*/bin/xenstored")); len(b) > 0 {
+			bin = b[0]
+			dirs = append(dirs, filepath.Join(filepath.Dir(filepath.Dir(bin)), "lib"))
+		}
+		dirs = append(dirs, filepath.Join(r, "usr/lib/x86_64-linux-gnu"))
+	}
+	if bin == "" {
+		t.Fatal("xenstoretest: Debian's Xen tools hold no xenstored")
+	}
+	return bin, strings.Join(dirs, ":")
 }
 
 // Dial connects as dom0.
