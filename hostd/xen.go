@@ -68,8 +68,8 @@ func (x *Xen) Name() string { return "xen/pvh" }
 // Close drops the xenstore connection.
 func (x *Xen) Close() error { return x.xs.Close() }
 
-// Reap destroys the domains a crashed daemon left (they are named vm-N)
-// and removes their capture files.
+// Reap destroys the domains a crashed daemon left (named vm-N, with the
+// guest channel a daemon lays out) and removes their capture files.
 func (x *Xen) Reap() error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -82,6 +82,10 @@ func (x *Xen) Reap() error {
 	for _, id := range ids {
 		name, err := x.xs.Read(ctx, "/local/domain/"+id+"/name")
 		if err != nil || !strings.HasPrefix(string(name), "vm-") {
+			continue
+		}
+		// Only domains a host daemon made: they carry its channel's epoch.
+		if _, err := x.xs.Read(ctx, "/local/domain/"+id+"/"+xenchan.EpochNode); err != nil {
 			continue
 		}
 		d, err := xenctl.Attach(ctx, x.cfg(string(name)))
