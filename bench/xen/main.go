@@ -1,0 +1,393 @@
+// Command xen benchmarks SnowFlock cloning on real Xen against the
+// standard way to copy a running domain to other hosts, in one run on
+// three Xen 4.17 hosts nested in QEMU TCG (internal/xenbed):
+//
+//   - clone: a 128 MiB PVH parent on x1 holding a dataset clones to N = 1
+//     and 2 hosts (x2, x3): from the clone call (x1's log) to the last
+//     clone running (measured on each clone host from the moment it saw
+//     its assignment, so that no two hosts' clocks are compared). Wire
+//     bytes: what x1 sent (memserver, multicast, descriptor requests).
+//   - baseline: `xl save -c` of an equal parent on x1, the image copied to
+//     each of N hosts over the bed's network (nc), `xl restore` there, in
+//     parallel per host. Wire bytes: the image times N.
+//
+// Results go to bench/results/xen.json.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/snowflock-go/snowflock/bench/internal/stat"
+	"github.com/snowflock-go/snowflock/guest/image"
+	"github.com/snowflock-go/snowflock/internal/cluster"
+	"github.com/snowflock-go/snowflock/internal/xenbed"
+	"github.com/snowflock-go/snowflock/internal/xencluster"
+)
+
+type result struct {
+	Date          string               `json:"date"`
+	Machine       string               `json:"machine"`
+	GuestMiB      int                  `json:"guest_mib"`
+	DatasetMB     int                  `json:"dataset_mb"`
+	Runs          int                  `json:"runs"`
+	CloneMS       map[string]float64   `json:"clone_ms"`
+	CloneMSAll    map[string][]float64 `json:"clone_ms_all"`
+	BaselineMS    map[string]float64   `json:"save_copy_restore_ms"`
+	BaselineAll   map[string][]float64 `json:"save_copy_restore_ms_all"`
+	WireBytes     map[string]float64   `json:"wire_bytes"`
+	CloneWireByN  map[string]float64   `json:"clone_wire_bytes_by_n"`
+	BaselineWire  map[string]float64   `json:"baseline_wire_bytes_by_n"`
+	ImageBytes    int64                `json:"image_bytes"`
+	CapturePause  []float64            `json:"capture_pause_ms_all"`
+	BaselinePhase map[string][]string  `json:"baseline_phases"`
+	Notes         string               `json:"notes"`
+	Seconds       float64              `json:"bench_seconds"`
+}
+
+func main() {
+	out := flag.String("out", "bench/results/xen.json", "where to write the JSON results")
+	runs := flag.Int("runs", 1, "runs per N (medians are reported)")
+	dataMB := flag.Int("data", 48, "MB of data the parent holds in memory")
+	flag.Parse()
+	if err := run(*out, *runs, *dataMB); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-xen:", err)
+		os.Exit(1)
+	}
+}
+
+func run(out string, runs, dataMB int) error {
+	begin := time.Now()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, 40*time.Minute)
+	defer cancel()
+	log := hclog.New(&hclog.LoggerOptions{Name: "bench-xen", Level: hclog.Info, Output: os.Stderr})
+	bin, err := cluster.Prepare()
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(bin)
+	im, err := image.Build(ctx, image.Options{SFGuest: filepath.Join(bin, "sfguest"), Logger: log.Named("image")})
+	if err != nil {
+		return err
+	}
+	bed, err := xenbed.Start(ctx, xenbed.Options{Hosts: 3, Logger: log, Files: xencluster.Files(bin, im)})
+	if err != nil {
+		return err
+	}
+	defer bed.Close()
+	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 1, 1}})
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, xencluster.Logs(ctx, bed))
+	}
+	res := result{Date: time.Now().UTC().Format(time.RFC3339), GuestMiB: 128, DatasetMB: dataMB, Runs: runs,
+		Machine: fmt.Sprintf("%s/%s, %d CPUs, 3 Xen 4.17 hosts nested in QEMU TCG (1 vCPU, 1 GiB dom0 each)", runtime.GOOS, runtime.GOARCH, runtime.NumCPU()),
+		CloneMS: map[string]float64{}, CloneMSAll: map[string][]float64{}, BaselineMS: map[string]float64{},
+		BaselineAll: map[string][]float64{}, WireBytes: map[string]float64{}, CloneWireByN: map[string]float64{},
+		BaselineWire: map[string]float64{}, BaselinePhase: map[string][]string{}}
+
+	// Clones: one parent clones runs times to 1 host, then to 2, in turn.
+	order := []int{}
+	for range runs {
+		order = append(order, 1, 2)
+	}
+	var script strings.Builder
+	fmt.Fprintf(&script, "head -c %d /dev/urandom > /tmp/data; echo LOADED\n", dataMB*1000000)
+	for _, n := range order {
+		fmt.Fprintf(&script, `T=$(sfguest ticket %d | sed 's/^ticket \([0-9]*\):.*/\1/')
+K=$(sfguest clone $T) || exit 1
+if [ "$K" != 0 ]; then sfguest exit --status $K; exit 0; fi
+sfguest join $T >/dev/null; echo "JOINED %d"
+`, n, n)
+	}
+	sentBefore := sentBytes(ctx, bed.Hosts[0])
+	vm, err := c.RunVM(ctx, 0, 128, script.String())
+	if err != nil {
+		return err
+	}
+	if vm, err = c.WaitEnded(ctx, vm.ID, 30*time.Minute); err != nil {
+		return fmt.Errorf("%w\n%s", err, c.Logs(ctx))
+	}
+	console := c.Console(ctx, 0, vm.ID)
+	if len(regexp.MustCompile(`(?m)^JOINED \d`).FindAllString(console, -1)) != len(order) {
+		return fmt.Errorf("the parent did not finish its clones (%s):\n%s\n%s", vm.Reason, console, c.Logs(ctx))
+	}
+	sent := sentBytes(ctx, bed.Hosts[0]) - sentBefore
+	calls, pauses, err := cloneCalls(ctx, c)
+	if err != nil {
+		return err
+	}
+	running, err := cloneRunning(ctx, c)
+	if err != nil {
+		return err
+	}
+	if len(calls) != len(order) {
+		return fmt.Errorf("%d clone calls in x1's log, want %d", len(calls), len(order))
+	}
+	res.CapturePause = pauses
+	for i, n := range order {
+		ticket := calls[i].ticket
+		afters := running[ticket]
+		if len(afters) != n {
+			ts, _ := c.Tickets(ctx)
+			return fmt.Errorf("ticket %d: %d clones running in the logs, want %d; tickets %+v\n%s", ticket, len(afters), n, ts, c.Logs(ctx))
+		}
+		ms := calls[i].toStarted + slices.Max(afters)
+		k := strconv.Itoa(n)
+		res.CloneMSAll[k] = append(res.CloneMSAll[k], ms)
+		fmt.Printf("clone N=%d (ticket %d): %.0f ms (capture and registration %.0f ms, restore on the clone hosts %v ms)\n",
+			n, ticket, ms, calls[i].toStarted, afters)
+	}
+	// Bytes x1 sent, split evenly over the clone operations by their N.
+	totalClones := 0
+	for _, n := range order {
+		totalClones += n
+	}
+
+	// Baseline: an equal parent, saved, copied and restored.
+	idle, err := c.RunVM(ctx, 0, 128, fmt.Sprintf("head -c %d /dev/urandom > /tmp/data; echo LOADED; sleep 100000", dataMB*1000000))
+	if err != nil {
+		return err
+	}
+	if err := c.WaitFor(ctx, 5*time.Minute, "the baseline parent loaded", func() (bool, error) {
+		return strings.Contains(c.Console(ctx, 0, idle.ID), "LOADED"), nil
+	}); err != nil {
+		return err
+	}
+	name := fmt.Sprintf("vm-%d", idle.ID)
+	for _, n := range order {
+		ms, size, phases, err := baseline(ctx, bed, name, n)
+		if err != nil {
+			return fmt.Errorf("baseline to %d hosts: %w", n, err)
+		}
+		k := strconv.Itoa(n)
+		res.ImageBytes = size
+		res.BaselineAll[k] = append(res.BaselineAll[k], ms)
+		res.BaselinePhase[k] = append(res.BaselinePhase[k], phases)
+		fmt.Printf("save+copy+restore N=%d: %.0f ms (%s)\n", n, ms, phases)
+	}
+	for _, k := range []string{"1", "2"} {
+		res.CloneMS[k] = stat.Median(res.CloneMSAll[k])
+		res.BaselineMS[k] = stat.Median(res.BaselineAll[k])
+		n, _ := strconv.Atoi(k)
+		res.CloneWireByN[k] = float64(sent) * float64(n) / float64(totalClones)
+		res.BaselineWire[k] = float64(res.ImageBytes) * float64(n)
+	}
+	res.WireBytes["clone"] = res.CloneWireByN["1"]
+	res.WireBytes["baseline"] = res.BaselineWire["1"]
+	res.Notes = "Nested Xen under QEMU TCG on a 2-core machine: absolute times are those of emulated hosts and only the ratios " +
+		"within this run mean much. clone_ms = x1's time from the clone call to the descriptor registered (capture with xl save -c, " +
+		"split, memserver registration, raft) + the slowest clone host's time from seeing its assignment to the clone running " +
+		"(all pages fetched: stock Xen cannot fault pages in lazily, so clone hosts fetch them eagerly, by memserver and multicast; " +
+		"xl restore of the rebuilt image). Clone wire bytes: x1's memserver and multicast bytes over the run, shared out by N " +
+		"(descriptor by multicast; zero pages never sent). Baseline: xl save -c to dom0's tmpfs, the image copied with nc to each " +
+		"host in parallel, xl restore there in parallel; wire bytes the image size times N."
+	res.Seconds = time.Since(begin).Seconds()
+	b, _ := json.MarshalIndent(res, "", "  ")
+	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("\nN  clone ms  save+copy+restore ms  clone wire MB  baseline wire MB\n")
+	for _, k := range []string{"1", "2"} {
+		fmt.Printf("%s  %8.0f  %20.0f  %13.1f  %16.1f\n", k, res.CloneMS[k], res.BaselineMS[k], res.CloneWireByN[k]/1e6, res.BaselineWire[k]/1e6)
+	}
+	fmt.Println("wrote", out)
+	return nil
+}
+
+// sentBytes is what x1's memserver and multicast sessions have sent.
+func sentBytes(ctx context.Context, h *xenbed.Host) int64 {
+	out, err := h.Run(ctx, "sh", "-c", fmt.Sprintf("printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | nc %s 7500", h.IP()))
+	if err != nil {
+		return 0
+	}
+	var total int64
+	for _, name := range []string{"sf_memserver_sent_bytes_total", "sf_host_mcast_bytes_sent_total"} {
+		m := regexp.MustCompile(`(?m)^` + name + ` (\d+)`).FindStringSubmatch(out)
+		if m != nil {
+			n, _ := strconv.ParseInt(m[1], 10, 64)
+			total += n
+		}
+	}
+	return total
+}
+
+type call struct {
+	ticket    uint64
+	toStarted float64 // ms from the clone call to the descriptor registered
+}
+
+var logTime = regexp.MustCompile(`^(\S+Z) `)
+
+func stamp(line string) (time.Time, bool) {
+	m := logTime.FindStringSubmatch(line)
+	if m == nil {
+		return time.Time{}, false
+	}
+	t, err := time.Parse("2006-01-02T15:04:05.000Z", m[1])
+	return t, err == nil
+}
+
+// cloneCalls reads x1's log: each clone call and when its clone started.
+func cloneCalls(ctx context.Context, c *xencluster.Cluster) ([]call, []float64, error) {
+	log, err := c.HostLog(ctx, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	callRE := regexp.MustCompile(`clone call: .*ticket=(\d+)`)
+	startRE := regexp.MustCompile(`clone started: .*ticket=(\d+) `)
+	pauseRE := regexp.MustCompile(`captured VM: .*pause=(\S+)`)
+	at := map[uint64]time.Time{}
+	var out []call
+	var pauses []float64
+	for _, l := range strings.Split(log, "\n") {
+		t, ok := stamp(l)
+		if !ok {
+			continue
+		}
+		if m := callRE.FindStringSubmatch(l); m != nil {
+			id, _ := strconv.ParseUint(m[1], 10, 64)
+			at[id] = t
+		}
+		if m := pauseRE.FindStringSubmatch(l); m != nil {
+			if d, err := time.ParseDuration(m[1]); err == nil {
+				pauses = append(pauses, float64(d.Microseconds())/1000)
+			}
+		}
+		if m := startRE.FindStringSubmatch(l); m != nil {
+			id, _ := strconv.ParseUint(m[1], 10, 64)
+			if t0, ok := at[id]; ok {
+				out = append(out, call{ticket: id, toStarted: float64(t.Sub(t0).Microseconds()) / 1000})
+			}
+		}
+	}
+	return out, pauses, nil
+}
+
+// cloneRunning reads the clone hosts' logs: per ticket, each clone's time
+// from its assignment to running.
+func cloneRunning(ctx context.Context, c *xencluster.Cluster) (map[uint64][]float64, error) {
+	re := regexp.MustCompile(`clone running: .*after=(\S+) .*ticket=(\d+)|clone running: .*ticket=(\d+) .*after=(\S+)`)
+	out := map[uint64][]float64{}
+	for i := 1; i < len(c.Bed.Hosts); i++ {
+		log, err := c.HostLog(ctx, i)
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range strings.Split(log, "\n") {
+			m := re.FindStringSubmatch(l)
+			if m == nil {
+				continue
+			}
+			after, ticket := m[1], m[2]
+			if after == "" {
+				after, ticket = m[4], m[3]
+			}
+			d, err1 := time.ParseDuration(after)
+			id, err2 := strconv.ParseUint(ticket, 10, 64)
+			if err1 == nil && err2 == nil {
+				out[id] = append(out[id], float64(d.Microseconds())/1000)
+			}
+		}
+	}
+	return out, nil
+}
+
+// baseline saves the running domain name on x1 (xl save -c), copies the
+// image to n hosts with nc in parallel, and restores it on each in
+// parallel; it destroys the restored domains afterwards.
+func baseline(ctx context.Context, bed *xenbed.Bed, name string, n int) (float64, int64, string, error) {
+	h1 := bed.Hosts[0]
+	img := "/dev/shm/baseline.img"
+	_, _ = h1.Run(ctx, "rm", "-f", img)
+	start := time.Now()
+	if out, err := h1.Run(ctx, "xl", "save", "-c", name, img); err != nil {
+		return 0, 0, "", fmt.Errorf("xl save: %w %s", err, out)
+	}
+	saved := time.Since(start)
+	sz, err := h1.Run(ctx, "stat", "-c", "%s", img)
+	if err != nil {
+		return 0, 0, "", err
+	}
+	size, _ := strconv.ParseInt(strings.TrimSpace(sz), 10, 64)
+	targets := bed.Hosts[1 : 1+n]
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	copyTook := make([]time.Duration, n)
+	restoreTook := make([]time.Duration, n)
+	for i, h := range targets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			port := 9100 + i
+			t := time.Now()
+			// The receiver listens, the sender connects once it does.
+			recv := make(chan error, 1)
+			go func() {
+				// busybox nc ends on its stdin's end, half-closing the
+				// connection, at which the sender stops: hold its stdin
+				// open with a fifo until the sender has finished.
+				out, err := h.Run(ctx, "sh", "-c", fmt.Sprintf(
+					"rm -f %[1]s /tmp/ncin; mkfifo /tmp/ncin; sleep 3600 > /tmp/ncin & S=$!; nc -l -p %[2]d < /tmp/ncin > %[1]s; kill $S; rm -f /tmp/ncin",
+					img, port))
+				if err != nil {
+					err = fmt.Errorf("%w %s", err, out)
+				}
+				recv <- err
+			}()
+			var sendErr error
+			for try := 0; try < 50; try++ {
+				if _, sendErr = h1.Run(ctx, "sh", "-c", fmt.Sprintf("nc %s %d < %s", h.IP(), port, img)); sendErr == nil {
+					break
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			if err := <-recv; err != nil || sendErr != nil {
+				errs[i] = fmt.Errorf("copy to %s: %v %v", h.IP(), err, sendErr)
+				return
+			}
+			copyTook[i] = time.Since(t)
+			if got, err := h.Run(ctx, "stat", "-c", "%s", img); err != nil || strings.TrimSpace(got) != strings.TrimSpace(sz) {
+				errs[i] = fmt.Errorf("copy to %s: %q bytes arrived of %s (%v)", h.IP(), strings.TrimSpace(got), strings.TrimSpace(sz), err)
+				return
+			}
+			t = time.Now()
+			if out, err := h.Run(ctx, "xl", "restore", img); err != nil {
+				errs[i] = fmt.Errorf("xl restore on %s: %w %s", h.IP(), err, out)
+				return
+			}
+			restoreTook[i] = time.Since(t)
+		}()
+	}
+	wg.Wait()
+	took := time.Since(start)
+	for _, h := range targets {
+		_, _ = h.Run(ctx, "xl", "destroy", name)
+		_, _ = h.Run(ctx, "rm", "-f", img)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return 0, 0, "", err
+	}
+	phases := fmt.Sprintf("save %v, copy %v, restore %v", saved.Round(time.Millisecond), copyTook, restoreTook)
+	return float64(took.Microseconds()) / 1000, size, phases, nil
+}
