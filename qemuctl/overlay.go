@@ -13,8 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/snowflock-go/snowflock/qemuctl/qmp"
 )
 
 // A clone maps its snapshot's frozen RAM file private: the pages it has
@@ -250,17 +248,9 @@ func (r *runs) add(pfn uint64) {
 // vm.ram: see the comment at the top of this file.
 func (vm *VM) snapshotClone(ctx context.Context, devPath, overlayPath string) (res *SnapshotResult, err error) {
 	begin := time.Now()
-	status, err := vm.qmp.QueryStatus(ctx)
+	running, err := vm.snapshotRunning(ctx)
 	if err != nil {
 		return nil, err
-	}
-	var running bool
-	switch status {
-	case qmp.StatusRunning:
-		running = true
-	case qmp.StatusPaused, qmp.StatusPostMigrate:
-	default:
-		return nil, fmt.Errorf("cannot snapshot a VM in state %q", status)
 	}
 	if strings.ContainsAny(devPath, "\x00") {
 		return nil, fmt.Errorf("bad device state path %q", devPath)

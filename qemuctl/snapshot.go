@@ -120,17 +120,9 @@ func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions) (res *Snapshot
 		return nil, errors.New("FrozenRAMPath is the VM's RAM file")
 	}
 	begin := time.Now()
-	status, err := vm.qmp.QueryStatus(ctx)
+	running, err := vm.snapshotRunning(ctx)
 	if err != nil {
 		return nil, err
-	}
-	var running bool
-	switch status {
-	case qmp.StatusRunning:
-		running = true
-	case qmp.StatusPaused, qmp.StatusPostMigrate:
-	default:
-		return nil, fmt.Errorf("cannot snapshot a VM in state %q", status)
 	}
 	if err := vm.qmp.MigrateSetCapabilities(ctx, deviceStateCaps); err != nil {
 		return nil, err
@@ -251,6 +243,23 @@ func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions) (res *Snapshot
 	}
 	res.DeviceStateSize = st.Size()
 	return res, nil
+}
+
+// snapshotRunning reports whether the VM runs (a snapshot stops it and
+// resumes it after) or is stopped (it stays so); other states cannot be
+// snapshotted.
+func (vm *VM) snapshotRunning(ctx context.Context) (bool, error) {
+	status, err := vm.qmp.QueryStatus(ctx)
+	if err != nil {
+		return false, err
+	}
+	switch status {
+	case qmp.StatusRunning:
+		return true, nil
+	case qmp.StatusPaused, qmp.StatusPostMigrate:
+		return false, nil
+	}
+	return false, fmt.Errorf("cannot snapshot a VM in state %q", status)
 }
 
 // waitPostMigrate waits for the run state to leave finish-migrate, which

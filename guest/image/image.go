@@ -243,20 +243,12 @@ func (b *builder) build(ctx context.Context, img *Image) error {
 
 // normalise validates the options and fills in defaults.
 func (opts Options) normalise() (Options, error) {
-	o := opts
-	if o.Logger == nil {
-		o.Logger = hclog.NewNullLogger()
-	}
-	o.Logger = o.Logger.Named("image")
-	if o.CacheDir == "" {
-		d, err := DefaultCacheDir()
-		if err != nil {
-			return o, err
-		}
-		o.CacheDir = d
+	o, err := opts.normaliseCache()
+	if err != nil {
+		return o, err
 	}
 	// Absolute paths in the Image, whatever directory its user runs QEMU in.
-	for _, p := range []*string{&o.CacheDir, &o.Kernel, &o.Initrd} {
+	for _, p := range []*string{&o.Kernel, &o.Initrd} {
 		if *p == "" {
 			continue
 		}
