@@ -15,7 +15,6 @@ import (
 
 	"github.com/snowflock-go/snowflock/descriptor"
 	"github.com/snowflock-go/snowflock/xenctl"
-	"github.com/snowflock-go/snowflock/xenctl/xcstream"
 	"github.com/snowflock-go/snowflock/xenctl/xenchan"
 	"github.com/snowflock-go/snowflock/xenctl/xenstore"
 )
@@ -135,18 +134,14 @@ func (x *Xen) Restore(ctx context.Context, spec VMSpec, src RestoreSource) (Runn
 	if src.ReadPages == nil {
 		return nil, errors.New("hostd: a Xen restore needs the pages in this process")
 	}
-	b, err := os.ReadFile(src.DeviceStatePath)
+	desc, err := xenctl.ReadDescriptor(src.DeviceStatePath)
 	if err != nil {
-		return nil, err
-	}
-	var desc xcstream.Descriptor
-	if err := desc.UnmarshalBinary(b); err != nil {
 		return nil, err
 	}
 	cfg := x.cfg(spec.ID)
 	cfg.Channel = &xenchan.Setup{Greeting: src.Greeting}
 	pages := pageSource(func(pfn uint64, dst []byte) error { return src.ReadPages(ctx, pfn, dst) })
-	d, err := xenctl.RestoreFrom(ctx, &desc, pages, cfg)
+	d, err := xenctl.RestoreFrom(ctx, desc, pages, cfg)
 	if err != nil {
 		return nil, err
 	}

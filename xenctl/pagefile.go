@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/snowflock-go/snowflock/xenctl/xcstream"
 )
@@ -132,3 +133,30 @@ func (b *pageBatch) Flush() error {
 
 // Close closes the file.
 func (p *PageFile) Close() error { return p.f.Close() }
+
+// ReadDescriptor reads a descriptor that Capture wrote.
+func ReadDescriptor(path string) (*xcstream.Descriptor, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var desc xcstream.Descriptor
+	if err := desc.UnmarshalBinary(b); err != nil {
+		return nil, err
+	}
+	return &desc, nil
+}
+
+// OpenCapture opens a capture directory that Capture filled: its
+// descriptor and its page file, which the caller closes.
+func OpenCapture(dir string) (*xcstream.Descriptor, *PageFile, error) {
+	desc, err := ReadDescriptor(filepath.Join(dir, DescriptorFile))
+	if err != nil {
+		return nil, nil, err
+	}
+	pages, err := OpenPageFile(filepath.Join(dir, PagesFile))
+	if err != nil {
+		return nil, nil, err
+	}
+	return desc, pages, nil
+}

@@ -27,7 +27,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime/pprof"
 	"time"
 
@@ -35,7 +34,6 @@ import (
 
 	"github.com/snowflock-go/snowflock/guestchan"
 	"github.com/snowflock-go/snowflock/xenctl"
-	"github.com/snowflock-go/snowflock/xenctl/xcstream"
 	"github.com/snowflock-go/snowflock/xenctl/xenchan"
 	"github.com/snowflock-go/snowflock/xenctl/xenstore"
 )
@@ -239,15 +237,7 @@ func (t *tool) capture(ctx context.Context) (any, error) {
 }
 
 func (t *tool) restore(ctx context.Context) (any, error) {
-	b, err := os.ReadFile(filepath.Join(t.dir, xenctl.DescriptorFile))
-	if err != nil {
-		return nil, err
-	}
-	var desc xcstream.Descriptor
-	if err := desc.UnmarshalBinary(b); err != nil {
-		return nil, err
-	}
-	pages, err := xenctl.OpenPageFile(filepath.Join(t.dir, xenctl.PagesFile))
+	desc, pages, err := xenctl.OpenCapture(t.dir)
 	if err != nil {
 		return nil, err
 	}
@@ -269,7 +259,7 @@ func (t *tool) restore(ctx context.Context) (any, error) {
 		}
 	}
 	begin := time.Now()
-	d, err := xenctl.RestoreFrom(ctx, &desc, pages, cfg)
+	d, err := xenctl.RestoreFrom(ctx, desc, pages, cfg)
 	if err != nil {
 		return nil, err
 	}

@@ -29,15 +29,7 @@ type PackResult struct {
 
 func (t *tool) pack(ctx context.Context) (any, error) {
 	begin := time.Now()
-	b, err := os.ReadFile(filepath.Join(t.dir, xenctl.DescriptorFile))
-	if err != nil {
-		return nil, err
-	}
-	var desc xcstream.Descriptor
-	if err := desc.UnmarshalBinary(b); err != nil {
-		return nil, err
-	}
-	src, err := xenctl.OpenPageFile(filepath.Join(t.dir, xenctl.PagesFile))
+	desc, src, err := xenctl.OpenCapture(t.dir)
 	if err != nil {
 		return nil, err
 	}
