@@ -286,17 +286,12 @@ func (vm *VM) snapshotClone(ctx context.Context, devPath, overlayPath string) (r
 		if err != nil && stopped {
 			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), resumeGrace)
 			defer cancel()
-			if cerr := vm.qmp.Cont(bg); cerr != nil {
-				vm.log.Error("resuming the guest after a failed snapshot", "error", cerr)
-			}
+			vm.resumeAfterFailure(bg)
 		}
 	}()
 	t := time.Now()
-	if running {
-		if err := vm.qmp.Stop(ctx); err != nil {
-			return nil, err
-		}
-		stopped = true
+	if stopped, err = vm.stopIf(ctx, running); err != nil {
+		return nil, err
 	}
 	res.Phases.Stop = time.Since(t)
 	t = time.Now()

@@ -170,17 +170,12 @@ func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions) (res *Snapshot
 			vm.qmp.CloseFD(bg, snapshotFD)
 		}
 		if stopped {
-			if cerr := vm.qmp.Cont(bg); cerr != nil {
-				vm.log.Error("resuming the guest after a failed snapshot", "error", cerr)
-			}
+			vm.resumeAfterFailure(bg)
 		}
 	}()
 	t := time.Now()
-	if running {
-		if err := vm.qmp.Stop(ctx); err != nil {
-			return nil, err
-		}
-		stopped = true
+	if stopped, err = vm.stopIf(ctx, running); err != nil {
+		return nil, err
 	}
 	res.Phases.Stop = time.Since(t)
 
@@ -243,6 +238,22 @@ func (vm *VM) snapshot(ctx context.Context, opts SnapshotOptions) (res *Snapshot
 	}
 	res.DeviceStateSize = st.Size()
 	return res, nil
+}
+
+// stopIf stops the guest if it runs and reports whether it did.
+func (vm *VM) stopIf(ctx context.Context, running bool) (bool, error) {
+	if !running {
+		return false, nil
+	}
+	return true, vm.qmp.Stop(ctx)
+}
+
+// resumeAfterFailure resumes a guest a failed snapshot stopped; ctx should
+// outlive the caller's, which may be what failed.
+func (vm *VM) resumeAfterFailure(ctx context.Context) {
+	if err := vm.qmp.Cont(ctx); err != nil {
+		vm.log.Error("resuming the guest after a failed snapshot", "error", err)
+	}
 }
 
 // snapshotRunning reports whether the VM runs (a snapshot stops it and
