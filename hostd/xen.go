@@ -19,15 +19,18 @@ import (
 	"github.com/snowflock-go/snowflock/xenctl/xenstore"
 )
 
-// Xen runs VMs as Xen PVH domains from dom0, through xl (xenctl), and talks
+// Xen runs VMs as Xen PVH (or PV) domains from dom0, through xl (xenctl), and talks
 // to their guests over xenstore (xenchan). A clone's image is rebuilt from
 // its descriptor and pages and restored with xl: stock Xen cannot fault a
 // guest's pages in lazily, so a Xen clone's host gets all of its pages
 // first (multicast makes that one transfer for every host).
 type Xen struct {
 	RunRoot string // capture directories, per VM
-	XL      string // "" is xenctl's default
-	Logger  hclog.Logger
+	// GuestType is the type of the domains Start boots: xenctl.TypePVH
+	// (the default) or xenctl.TypePV. Clones keep their parent's type.
+	GuestType xenctl.Type
+	XL        string // "" is xenctl's default
+	Logger    hclog.Logger
 	// ConsoleDir is where xenconsoled logs guest consoles
 	// (guest-<name>.log; xenconsoled --log=guest).
 	ConsoleDir string
@@ -61,8 +64,15 @@ func IsDom0() bool {
 	return err == nil && strings.Contains(string(b), "control_d")
 }
 
-// Name says "xen/pvh".
-func (x *Xen) Name() string { return "xen/pvh" }
+// Name says "xen/pvh" or "xen/pv".
+func (x *Xen) Name() string { return "xen/" + string(x.guestType()) }
+
+func (x *Xen) guestType() xenctl.Type {
+	if x.GuestType == "" {
+		return xenctl.TypePVH
+	}
+	return x.GuestType
+}
 
 // Close drops the xenstore connection.
 func (x *Xen) Close() error { return x.xs.Close() }
@@ -106,11 +116,11 @@ func (x *Xen) Reap() error {
 
 // cfg is the xenctl configuration common to every domain of this driver.
 func (x *Xen) cfg(name string) xenctl.Config {
-	return xenctl.Config{Name: name, Type: xenctl.TypePVH, XL: x.XL, Store: x.xs,
+	return xenctl.Config{Name: name, Type: x.guestType(), XL: x.XL, Store: x.xs,
 		Logger: x.Logger.With("vm", name)}
 }
 
-// Start boots a PVH guest from the host's kernel and initramfs, with its
+// Start boots a guest of GuestType from the host's kernel and initramfs, with its
 // console on hvc0.
 func (x *Xen) Start(ctx context.Context, spec VMSpec) (RunningVM, error) {
 	cfg := x.cfg(spec.ID)
@@ -139,6 +149,7 @@ func (x *Xen) Restore(ctx context.Context, spec VMSpec, src RestoreSource) (Runn
 		return nil, err
 	}
 	cfg := x.cfg(spec.ID)
+	cfg.Type = "" // the parent's: a clone keeps its type whatever this host boots
 	cfg.Channel = &xenchan.Setup{Greeting: src.Greeting}
 	pages := pageSource(func(pfn uint64, dst []byte) error { return src.ReadPages(ctx, pfn, dst) })
 	d, err := xenctl.RestoreFrom(ctx, desc, pages, cfg)

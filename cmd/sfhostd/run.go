@@ -22,6 +22,7 @@ import (
 	"github.com/snowflock-go/snowflock/hostd"
 	"github.com/snowflock-go/snowflock/internal/cli"
 	"github.com/snowflock-go/snowflock/qemuctl"
+	"github.com/snowflock-go/snowflock/xenctl"
 )
 
 const usage = `Usage: sfhostd <command> [flags]
@@ -131,6 +132,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.GossipProfile, "gossip-profile", "fast", "failure detection timing: fast (about 1 s), lan or wan (slow or loaded networks)")
 	accel := fs.String("accel", "auto", "auto, kvm or tcg")
 	hvName := fs.String("hypervisor", "auto", "qemu, xen (run in dom0), or auto: xen in a Xen control domain, else qemu")
+	xenType := fs.String("xen-guest-type", "pvh", "with --hypervisor xen: the type of the domains this host boots, pvh or pv (clones keep their parent's)")
 	fs.IntVar(&cfg.Slots, "slots", 8, "clone slots offered")
 	mem := fs.Int64("mem", 4096, "memory offered to VMs, MiB")
 	ramDir := fs.String("ram-dir", "", "tmpfs directory for guest RAM files (default: one per daemon under /dev/shm/snowflock)")
@@ -177,6 +179,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	case "qemu", "xen":
 	default:
 		return usagef("agent: --hypervisor must be auto, qemu or xen")
+	}
+	if *xenType != string(xenctl.TypePVH) && *xenType != string(xenctl.TypePV) {
+		return usagef("agent: --xen-guest-type must be pvh or pv")
 	}
 	var acc qemuctl.Accel
 	switch *accel {
@@ -241,6 +246,7 @@ func runAgent(args []string, stderr io.Writer) error {
 			return err
 		}
 		defer xen.Close()
+		xen.GuestType = xenctl.Type(*xenType)
 		hv = xen
 	} else {
 		q, err := hostd.NewQEMU(ctx, filepath.Join(cfg.DataDir, "vms"), *ramDir, acc, log.Named("qemu"))

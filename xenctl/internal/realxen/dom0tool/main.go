@@ -62,6 +62,7 @@ func run(args []string) int {
 	fs.StringVar(&t.kernel, "kernel", "", "guest kernel")
 	fs.StringVar(&t.ramdisk, "ramdisk", "", "guest initramfs")
 	fs.StringVar(&t.cmdline, "cmdline", "console=hvc0", "guest kernel command line")
+	fs.StringVar(&t.typ, "type", string(xenctl.TypePVH), "create: guest type, pvh or pv")
 	fs.IntVar(&t.memMB, "mem", 128, "guest memory, MiB")
 	fs.BoolVar(&t.vif, "vif", false, "give the guest a NIC on xenbr0")
 	fs.BoolVar(&t.channel, "chan", false, "lay out the guest channel (xenchan.Prepare)")
@@ -106,6 +107,7 @@ type tool struct {
 	log                      hclog.Logger
 	name, dir                string
 	kernel, ramdisk, cmdline string
+	typ                      string
 	memMB                    int
 	vif, channel             bool
 	clone, calls             int
@@ -142,7 +144,7 @@ func (t *tool) create(ctx context.Context) (any, error) {
 		defer xs.Close()
 		cfg.Channel = &xenchan.Setup{Identity: &guestchan.Identity{VMID: parentVM, Role: "parent", Host: hostname()}}
 	}
-	cfg.Type, cfg.MemMB, cfg.VCPUs = xenctl.TypePVH, t.memMB, 1
+	cfg.Type, cfg.MemMB, cfg.VCPUs = xenctl.Type(t.typ), t.memMB, 1
 	cfg.Kernel, cfg.Ramdisk, cfg.Cmdline = t.kernel, t.ramdisk, t.cmdline
 	if t.vif {
 		cfg.Extra = []xenctl.Setting{{Key: "vif", Value: []string{"bridge=xenbr0"}}}
