@@ -58,6 +58,18 @@ func withoutMcast(host int) bedOption {
 	}
 }
 
+// withEager has every host fetch a descriptor's memory before its clones
+// start, as Xen hosts do, and gives host 0 no clone slots.
+func withEager() bedOption {
+	return func(i int, cfg *Config) {
+		cfg.EagerRestore = true
+		cfg.McastRate = -1 // no cap: loopback multicast keeps up with unicast
+		if i == 0 {
+			cfg.Slots = 0
+		}
+	}
+}
+
 // freeUDPPort returns a UDP port on loopback that nothing uses now.
 func freeUDPPort(t *testing.T) uint16 {
 	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
@@ -260,6 +272,49 @@ func TestCloneAcrossHosts(t *testing.T) {
 	}
 	if !strings.Contains(metrics, "sf_host_mcast_pages_pushed_total") {
 		t.Error("no multicast metrics")
+	}
+}
+
+// TestEagerFillShares: clone hosts that fetch a descriptor's memory
+// eagerly (as Xen hosts must) start at different shares of it while the
+// multicast session carries every page one of them fetched to the other,
+// so between them they fetch fewer than twice the data pages; the clones
+// run from the parent's memory.
+func TestEagerFillShares(t *testing.T) {
+	requireFUSE(t)
+	b := newBed(t, 3, withEager())
+	vm, console := b.runVM(fmt.Sprintf(cloneWorkload, 2), 256, 3*time.Minute)
+	m := regexp.MustCompile(`PARENT-STATE ([0-9a-f]{16})`).FindStringSubmatch(console)
+	if m == nil || !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {
+		t.Fatalf("parent console:\n%s", console)
+	}
+	ctx := context.Background()
+	ts, _, _ := b.c.Tickets(ctx, vm.ID, nil)
+	tv, _, _ := b.c.Ticket(ctx, ts[0].ID, nil)
+	hosts := map[string]bool{}
+	for _, cl := range tv.Clones {
+		if cl.State != fsm.CloneExited || cl.Status != cl.K || !strings.Contains(cl.Result, "state="+m[1]) {
+			t.Errorf("clone %+v", cl)
+		}
+		hosts[cl.Host] = true
+	}
+	if !hosts["h2"] || !hosts["h3"] {
+		t.Fatalf("clones ran on %v, want h2 and h3", hosts)
+	}
+	desc, _, err := b.c.Descriptor(ctx, tv.Descriptor, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.waitFor(10*time.Second, "both sources closed", func() bool { return len(b.eventsOf(EventSourceClosed)) == 2 })
+	var fetched, inserted uint64
+	for _, e := range b.eventsOf(EventSourceClosed) {
+		fetched += e.Pages.PagesFetched
+		inserted += e.Pages.Inserted
+	}
+	t.Logf("%d data pages; the clone hosts fetched %d (%.2f of them each) and had %d pushed in; h1 sent %+v",
+		desc.PageCount, fetched, float64(fetched)/float64(desc.PageCount)/2, inserted, b.hosts[0].McastStats())
+	if desc.PageCount == 0 || fetched >= 2*uint64(desc.PageCount) || inserted == 0 {
+		t.Errorf("the two clone hosts fetched %d of %d data pages by unicast, %d pushed in: no sharing", fetched, desc.PageCount, inserted)
 	}
 }
 

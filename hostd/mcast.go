@@ -219,6 +219,10 @@ type pusher struct {
 	at    uint64 // page within that range
 	sent  []uint64
 	total uint64
+	// quiet: the session has one member, so the pages clones fetch need
+	// no push (the host that fetched them is the only one to push to);
+	// they are only marked sent.
+	quiet bool
 }
 
 // startPusher opens the session of ticket t, whose clones start from ls,
@@ -249,7 +253,7 @@ func (d *Daemon) startPusher(ctx context.Context, ls *localSnap, t fsm.Ticket) {
 	}
 	total := uint64(ls.capture.RAMSize / memserver.PageSize)
 	p := &pusher{d: d, ticket: t.ID, ls: ls, log: d.log.With("ticket", t.ID, "mcast_group", s.group),
-		demand: make(chan [2]uint64, 4096), sent: make([]uint64, (total+63)/64), total: total}
+		demand: make(chan [2]uint64, 4096), sent: make([]uint64, (total+63)/64), total: total, quiet: len(members) == 1}
 	pctx, cancel := context.WithCancel(d.stopCtx)
 	d.mu.Lock()
 	if ls.releasedFlag {
@@ -324,8 +328,8 @@ func (p *pusher) isSent(pg uint64) bool { return p.sent[pg/64]&(1<<(pg%64)) != 0
 func (p *pusher) markSent(pg uint64)    { p.sent[pg/64] |= 1 << (pg % 64) }
 
 // nextBatch picks the next pages to push, ascending: the pages clones
-// fetched first, then the snapshot's data pages in order. It returns how
-// many came from demand.
+// fetched first (unless quiet), then the snapshot's data pages in order.
+// It returns how many came from demand.
 func (p *pusher) nextBatch() ([]uint64, int) {
 	var out []uint64
 	add := func(pg uint64) {
@@ -339,6 +343,12 @@ drain:
 		select {
 		case run := <-p.demand:
 			for pg := run[0]; pg < run[0]+run[1] && len(out) < pushBatch*2; pg++ {
+				if p.quiet {
+					if pg < p.total {
+						p.markSent(pg)
+					}
+					continue
+				}
 				add(pg)
 			}
 		default:
@@ -392,6 +402,11 @@ type catcher struct {
 	desc   chan envelope // the descriptor, once
 	cancel context.CancelFunc
 	refs   int // under Daemon.mu: local clones of the ticket
+	// part of parts is this host's share of an eager fill: the pusher
+	// sweeps from the first data page (part 0), and clone host i of the
+	// ticket's hosts starts at part i+1, so that between them the hosts
+	// fetch each page about once and the session carries it to the rest.
+	part, parts int
 
 	mu       sync.Mutex
 	src      *source
@@ -427,7 +442,16 @@ func (d *Daemon) joinSession(t fsm.TicketView) *catcher {
 	}
 	ctx, cancel := context.WithCancel(d.stopCtx)
 	c := &catcher{ticket: t.ID, recv: r, desc: make(chan envelope, 1), cancel: cancel, refs: 1,
-		srcReady: make(chan struct{})}
+		srcReady: make(chan struct{}), parts: 1}
+	var hosts []string
+	for _, h := range t.Placements {
+		if !slices.Contains(hosts, h) {
+			hosts = append(hosts, h)
+		}
+	}
+	if i := slices.Index(hosts, d.cfg.NodeID); i >= 0 {
+		c.part, c.parts = i+1, len(hosts)+1
+	}
 	d.mu.Lock()
 	if old := d.catchers[t.ID]; old != nil { // raced with another clone
 		old.refs++

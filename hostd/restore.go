@@ -227,12 +227,21 @@ func (d *Daemon) prepare(ctx context.Context, src *source, cat *catcher) error {
 		return err
 	}
 	src.lazyID, src.ramPath = id, path
+	part, parts := 0, 1
+	if cat != nil {
+		// Pushed pages go into the RAM file from now on, during an eager
+		// fill too, which then skips them.
+		cat.setSource(src)
+		part, parts = cat.part, cat.parts
+	}
 	if d.cfg.EagerRestore || eagerDriver(desc.Meta) {
 		start := time.Now()
-		if err := lz.Fill(ctx, id, 256, 4); err != nil {
+		if err := lz.FillFrom(ctx, id, part, parts, 256, 4); err != nil {
 			return fmt.Errorf("eager restore: %w", err)
 		}
-		d.log.Info("descriptor memory fetched eagerly", "descriptor", src.id, "took", time.Since(start))
+		st, _ := lz.Stats(id)
+		d.log.Info("descriptor memory fetched eagerly", "descriptor", src.id, "took", time.Since(start),
+			"share", fmt.Sprintf("%d/%d", part, parts), "fetched_pages", st.PagesFetched, "inserted_pages", st.Inserted)
 	}
 	d.log.Info("descriptor ready", "descriptor", src.id, "bytes", len(blob), "data_pages", desc.DataPages(),
 		"parent_vm", desc.Meta.ParentVM, "memserver", meta.MemserverAddr)

@@ -285,11 +285,30 @@ func (f *FS) InsertPages(id string, pages []Page) error {
 // batches of batch pages with up to workers fetches at once: an eager
 // restore, or a warm-up before clones start.
 func (f *FS) Fill(ctx context.Context, id string, batch, workers int) error {
+	return f.FillFrom(ctx, id, 0, 1, batch, workers)
+}
+
+// FillFrom is Fill in another order: first the batches of share part of
+// parts of the data pages (counting only pages with data), going up, then
+// every other batch going down from where the share began (wrapping around
+// at the start). Hosts that fill the same snapshot while another path
+// (multicast) inserts what any of them fetched take different parts: each
+// fetches its own share first, then walks the others' from their ends,
+// towards the pages being pushed from their starts.
+func (f *FS) FillFrom(ctx context.Context, id string, part, parts, batch, workers int) error {
 	sf, err := f.file(id)
 	if err != nil {
 		return err
 	}
+	if parts < 1 || part < 0 || part >= parts {
+		return fmt.Errorf("lazyram: fill part %d of %d", part, parts)
+	}
 	batch, workers = max(batch, 1), max(workers, 1)
+	nb := (sf.pages + uint64(batch) - 1) / uint64(batch)
+	from, to := sf.dataPageAt(part, parts)/uint64(batch), nb
+	if part+1 < parts {
+		to = max(from, sf.dataPageAt(part+1, parts)/uint64(batch))
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	next := make(chan uint64)
@@ -307,7 +326,12 @@ func (f *FS) Fill(ctx context.Context, id string, batch, workers int) error {
 		}()
 	}
 feed:
-	for first := uint64(0); first < sf.pages; first += uint64(batch) {
+	for i := range nb {
+		b := from + i // the share, up
+		if b >= to {
+			b = (from + nb - (i - (to - from)) - 1) % nb // the rest, down
+		}
+		first := b * uint64(batch)
 		select {
 		case next <- first:
 		case <-ctx.Done():
@@ -324,6 +348,31 @@ feed:
 		err = ctx.Err()
 	}
 	return err
+}
+
+// dataPageAt returns the page where share part of parts of the snapshot's
+// data pages begins: the first page with data after part*n/parts others,
+// for n pages with data (0 if there are none).
+func (sf *snapFile) dataPageAt(part, parts int) uint64 {
+	if part == 0 {
+		return 0
+	}
+	var n uint64
+	for p := range sf.pages {
+		if sf.hasData(p) {
+			n++
+		}
+	}
+	skip := n * uint64(part) / uint64(parts)
+	for p := range sf.pages {
+		if sf.hasData(p) {
+			if skip == 0 {
+				return p
+			}
+			skip--
+		}
+	}
+	return 0
 }
 
 // ReadPages reads pages of a snapshot from first on into dst, a whole

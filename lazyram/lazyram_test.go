@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -333,6 +334,105 @@ func TestFill(t *testing.T) {
 	}
 	if err := fs.Fill(context.Background(), "nope", 64, 4); err == nil {
 		t.Fatal("Fill of an unknown snapshot succeeded")
+	}
+}
+
+// orderSource records the first page of each fetch.
+type orderSource struct {
+	fileSource
+	mu     sync.Mutex
+	firsts []uint64
+}
+
+func (s *orderSource) Fetch(ctx context.Context, pages []uint64) ([]Page, error) {
+	s.mu.Lock()
+	s.firsts = append(s.firsts, pages[0])
+	s.mu.Unlock()
+	return s.fileSource.Fetch(ctx, pages)
+}
+
+// TestFillFrom: a fill of part k of n starts at the batch holding the first
+// data page past k/n of them, wraps around, fetches every data page once
+// and nothing that is present already; bad parts are refused.
+func TestFillFrom(t *testing.T) {
+	requireFUSE(t)
+	src, data := frozen(t, 4096, 5)
+	fs := mount(t)
+	hasData := func(p uint64) bool { return data[p] }
+	var pages []uint64
+	for p := range uint64(4096) {
+		if data[p] {
+			pages = append(pages, p)
+		}
+	}
+	for _, tc := range []struct{ part, parts int }{{0, 1}, {1, 2}, {2, 3}, {1, 3}} {
+		id := fmt.Sprintf("p%dof%d", tc.part, tc.parts)
+		source := &orderSource{fileSource: fileSource{f: src}}
+		if _, err := fs.Add(Snapshot{ID: id, Size: 4096 * PageSize, HasData: hasData, Source: source}); err != nil {
+			t.Fatal(err)
+		}
+		// The pages of part 0 are there already (pushed by another host).
+		var pushed []Page
+		for _, p := range pages[:len(pages)/tc.parts] {
+			buf := make([]byte, PageSize)
+			src.ReadAt(buf, int64(p)*PageSize)
+			pushed = append(pushed, Page{Num: p, Data: buf})
+		}
+		if tc.part != 0 {
+			if err := fs.InsertPages(id, pushed); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := fs.FillFrom(context.Background(), id, tc.part, tc.parts, 64, 1); err != nil {
+			t.Fatal(err)
+		}
+		want := pages[len(pages)*tc.part/tc.parts] / 64 * 64
+		if len(source.firsts) == 0 || source.firsts[0]/64*64 != want {
+			t.Errorf("%s: first fetch at %v, want in the batch at %d", id, source.firsts[:min(1, len(source.firsts))], want)
+		}
+		// Batch by batch: the share up, then the others down from it.
+		from, to := want/64, uint64(4096/64)
+		if tc.part+1 < tc.parts {
+			to = pages[len(pages)*(tc.part+1)/tc.parts] / 64
+		}
+		var order []uint64
+		for b := from; b < to; b++ {
+			order = append(order, b)
+		}
+		for b := from; b > 0; b-- {
+			order = append(order, b-1)
+		}
+		for b := uint64(4096 / 64); b > to; b-- {
+			order = append(order, b-1)
+		}
+		var wantOrder, gotOrder []uint64
+		for _, b := range order {
+			if tc.part == 0 || slices.ContainsFunc(pages[len(pages)/tc.parts:], func(p uint64) bool { return p/64 == b }) {
+				wantOrder = append(wantOrder, b)
+			}
+		}
+		for _, f := range source.firsts {
+			gotOrder = append(gotOrder, f/64)
+		}
+		if !slices.Equal(gotOrder, wantOrder) {
+			t.Errorf("%s: fetched batches %v, want %v", id, gotOrder, wantOrder)
+		}
+		fetched, twice := source.count()
+		wantFetched := len(pages)
+		if tc.part != 0 {
+			wantFetched -= len(pushed)
+		}
+		if fetched != wantFetched || twice {
+			t.Errorf("%s: fetched %d pages (twice: %v), want %d", id, fetched, twice, wantFetched)
+		}
+		if n, _ := fs.Present(id); n != uint64(len(pages)) {
+			t.Errorf("%s: %d pages present, want %d", id, n, len(pages))
+		}
+	}
+	for _, bad := range [][2]int{{1, 1}, {-1, 2}, {0, 0}} {
+		if err := fs.FillFrom(context.Background(), "p0of1", bad[0], bad[1], 64, 1); err == nil {
+			t.Errorf("FillFrom part %d of %d: no error", bad[0], bad[1])
+		}
 	}
 }
 
