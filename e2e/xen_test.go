@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -34,7 +35,9 @@ if [ "$K" = 0 ]; then sfguest join $T; echo PARENT-DONE; else sfguest exit --sta
 // clone's host gets the descriptor by multicast and the pages from the
 // memserver and by multicast, rebuilds the image and restores it with xl;
 // the clone answers its clone call with 1 over xenstore, reports the
-// parent's state and its identity, and exits; the parent joins.
+// parent's state and its identity, and exits; the parent joins. It runs
+// once with PVH guests and once with PV guests (--xen-guest-type), each on
+// a bed of its own.
 func TestXenClone(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots Xen under QEMU TCG; not with -short")
@@ -45,6 +48,12 @@ func TestXenClone(t *testing.T) {
 		}
 		t.Skip(err)
 	}
+	for _, typ := range []string{"pvh", "pv"} {
+		t.Run(typ, func(t *testing.T) { xenClone(t, typ) })
+	}
+}
+
+func xenClone(t *testing.T, typ string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	log := hclog.New(&hclog.LoggerOptions{Name: "xen", Level: hclog.Info, Output: os.Stderr})
@@ -59,7 +68,7 @@ func TestXenClone(t *testing.T) {
 	}
 	defer bed.Close()
 	t.Logf("2 Xen hosts ready %v after start", time.Since(start).Round(time.Millisecond))
-	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 2}, Debug: true})
+	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 2}, Debug: true, GuestType: typ})
 	if err != nil {
 		t.Fatalf("%v\n%s", err, xencluster.Logs(ctx, bed))
 	}
@@ -84,8 +93,14 @@ func TestXenClone(t *testing.T) {
 	if cl.State != fsm.CloneExited || cl.Status != 7 || strings.TrimSpace(cl.Result) != want || cl.Host != "x2" {
 		t.Fatalf("clone %+v\nwant result %q on x2\n%s", cl, want, c.Logs(ctx))
 	}
+	// Both domains were of the type asked for: xenctl logs it.
+	made := map[int]string{0: "created", 1: "restored"}
 	for i := range bed.Hosts {
 		out, _ := c.HostLog(ctx, i)
+		if !regexp.MustCompile(`(?m)` + made[i] + `: .*\btype=` + typ + `( |$)`).MatchString(out) {
+			t.Errorf("host %d's log has no %q of a %s domain; its lines with type=:\n%s", i+1, made[i], typ,
+				strings.Join(slices.DeleteFunc(strings.Split(out, "\n"), func(l string) bool { return !strings.Contains(l, "type=") }), "\n"))
+		}
 		for _, l := range strings.Split(out, "\n") {
 			if regexp.MustCompile(`captured VM|descriptor ready|clone running|descriptor multicast|multicast session done`).MatchString(l) {
 				t.Logf("host %d: %s", i+1, l)

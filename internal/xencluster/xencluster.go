@@ -51,6 +51,8 @@ type Options struct {
 	Slots []int
 	// Debug logs the host daemons at debug level.
 	Debug bool
+	// GuestType is the hosts' --xen-guest-type: "pvh" (default) or "pv".
+	GuestType string
 }
 
 // Start launches the daemons (the bed's dom0s must carry Files) and waits
@@ -63,6 +65,10 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 		"--bootstrap-expect", "1", "--gossip-profile", "lan"); err != nil {
 		return nil, err
 	}
+	typ := "pvh"
+	if opts.GuestType != "" {
+		typ = opts.GuestType
+	}
 	level := "info"
 	if opts.Debug {
 		level = "debug"
@@ -73,7 +79,7 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 			slots = opts.Slots[i]
 		}
 		// Nested Xen is slow: the LAN failure detector, not the fast one.
-		if err := background(ctx, h, hostdLog, dir+"sfhostd", "agent", "--hypervisor", "xen",
+		if err := background(ctx, h, hostdLog, dir+"sfhostd", "agent", "--hypervisor", "xen", "--xen-guest-type", typ,
 			"--node-id", HostName(i), "--data-dir", "/var/lib/sfhostd",
 			"--api-addr", h.IP()+":7500", "--gossip-addr", h.IP()+":7947", "--memserver-addr", h.IP()+":7501",
 			"--mcast-addr", h.IP(), "--join", h1.IP()+":7946", "--coordinator", c.Coord,
