@@ -6,7 +6,9 @@
 //     and 2 hosts (x2, x3): from the clone call (x1's log) to the last
 //     clone running (measured on each clone host from the moment it saw
 //     its assignment, so that no two hosts' clocks are compared). Wire
-//     bytes: what x1 sent (memserver, multicast, descriptor requests).
+//     bytes: what x1's memserver and multicast sessions sent for that
+//     clone operation (sampled between operations, which the parent
+//     spaces out).
 //   - baseline: `xl save -c` of an equal parent on x1, the image copied to
 //     each of N hosts over the bed's network (nc), `xl restore` there, in
 //     parallel per host. Wire bytes: the image times N.
@@ -35,6 +37,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/snowflock-go/snowflock/bench/internal/stat"
+	"github.com/snowflock-go/snowflock/fsm"
 	"github.com/snowflock-go/snowflock/guest/image"
 	"github.com/snowflock-go/snowflock/internal/cluster"
 	"github.com/snowflock-go/snowflock/internal/xenbed"
@@ -53,6 +56,7 @@ type result struct {
 	BaselineAll   map[string][]float64 `json:"save_copy_restore_ms_all"`
 	WireBytes     map[string]float64   `json:"wire_bytes"`
 	CloneWireByN  map[string]float64   `json:"clone_wire_bytes_by_n"`
+	CloneWireAll  map[string][]sent    `json:"clone_wire_bytes_all"`
 	BaselineWire  map[string]float64   `json:"baseline_wire_bytes_by_n"`
 	ImageBytes    int64                `json:"image_bytes"`
 	CapturePause  []float64            `json:"capture_pause_ms_all"`
@@ -101,6 +105,7 @@ func run(out string, runs, dataMB int) error {
 		Machine: fmt.Sprintf("%s/%s, %d CPUs, 3 Xen 4.17 hosts nested in QEMU TCG (1 vCPU, 1 GiB dom0 each)", runtime.GOOS, runtime.GOARCH, runtime.NumCPU()),
 		CloneMS: map[string]float64{}, CloneMSAll: map[string][]float64{}, BaselineMS: map[string]float64{},
 		BaselineAll: map[string][]float64{}, WireBytes: map[string]float64{}, CloneWireByN: map[string]float64{},
+		CloneWireAll: map[string][]sent{},
 		BaselineWire: map[string]float64{}, BaselinePhase: map[string][]string{}}
 
 	// Clones: one parent clones runs times to 1 host, then to 2, in turn.
@@ -114,22 +119,43 @@ func run(out string, runs, dataMB int) error {
 		fmt.Fprintf(&script, `T=$(sfguest ticket %d | sed 's/^ticket \([0-9]*\):.*/\1/')
 K=$(sfguest clone $T) || exit 1
 if [ "$K" != 0 ]; then sfguest exit --status $K; exit 0; fi
-sfguest join $T >/dev/null; echo "JOINED %d"
+sfguest join $T >/dev/null; echo "JOINED %d"; sleep 8
 `, n, n)
 	}
-	sentBefore := sentBytes(ctx, bed.Hosts[0])
+	marks := []sent{sentBytes(ctx, bed.Hosts[0])}
 	vm, err := c.RunVM(ctx, 0, 128, script.String())
 	if err != nil {
 		return err
 	}
-	if vm, err = c.WaitEnded(ctx, vm.ID, 30*time.Minute); err != nil {
+	// x1's counters after each join: the parent sleeps 8 s after each, so
+	// each sample falls between two clone operations.
+	joined := regexp.MustCompile(`(?m)^JOINED \d`)
+	err = c.WaitFor(ctx, 30*time.Minute, "every clone operation joined", func() (bool, error) {
+		n := len(joined.FindAllString(c.Console(ctx, 0, vm.ID), -1))
+		if n > len(marks) {
+			return false, fmt.Errorf("%d joins between two samples of x1's counters", n-len(marks)+1)
+		}
+		if n == len(marks) {
+			marks = append(marks, sentBytes(ctx, bed.Hosts[0]))
+		}
+		if len(marks) == len(order)+1 {
+			return true, nil
+		}
+		if v, err := c.VM(ctx, vm.ID); err == nil && v.State == fsm.VMEnded {
+			return false, fmt.Errorf("the parent ended after %d of %d clone operations: %s", len(marks)-1, len(order), v.Reason)
+		}
+		return false, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, c.Logs(ctx))
+	}
+	if vm, err = c.WaitEnded(ctx, vm.ID, 5*time.Minute); err != nil {
 		return fmt.Errorf("%w\n%s", err, c.Logs(ctx))
 	}
 	console := c.Console(ctx, 0, vm.ID)
 	if len(regexp.MustCompile(`(?m)^JOINED \d`).FindAllString(console, -1)) != len(order) {
 		return fmt.Errorf("the parent did not finish its clones (%s):\n%s\n%s", vm.Reason, console, c.Logs(ctx))
 	}
-	sent := sentBytes(ctx, bed.Hosts[0]) - sentBefore
 	calls, pauses, err := cloneCalls(ctx, c)
 	if err != nil {
 		return err
@@ -152,13 +178,11 @@ sfguest join $T >/dev/null; echo "JOINED %d"
 		ms := calls[i].toStarted + slices.Max(afters)
 		k := strconv.Itoa(n)
 		res.CloneMSAll[k] = append(res.CloneMSAll[k], ms)
-		fmt.Printf("clone N=%d (ticket %d): %.0f ms (capture and registration %.0f ms, restore on the clone hosts %v ms)\n",
-			n, ticket, ms, calls[i].toStarted, afters)
-	}
-	// Bytes x1 sent, split evenly over the clone operations by their N.
-	totalClones := 0
-	for _, n := range order {
-		totalClones += n
+		wire := sent{Memserver: marks[i+1].Memserver - marks[i].Memserver, Mcast: marks[i+1].Mcast - marks[i].Mcast}
+		res.CloneWireAll[k] = append(res.CloneWireAll[k], wire)
+		fmt.Printf("clone N=%d (ticket %d): %.0f ms (capture and registration %.0f ms, restore on the clone hosts %v ms); "+
+			"x1 sent %.1f MB by memserver, %.1f MB by multicast\n",
+			n, ticket, ms, calls[i].toStarted, afters, float64(wire.Memserver)/1e6, float64(wire.Mcast)/1e6)
 	}
 
 	// Baseline: an equal parent, saved, copied and restored.
@@ -187,7 +211,11 @@ sfguest join $T >/dev/null; echo "JOINED %d"
 		res.CloneMS[k] = stat.Median(res.CloneMSAll[k])
 		res.BaselineMS[k] = stat.Median(res.BaselineAll[k])
 		n, _ := strconv.Atoi(k)
-		res.CloneWireByN[k] = float64(sent) * float64(n) / float64(totalClones)
+		var totals []float64
+		for _, w := range res.CloneWireAll[k] {
+			totals = append(totals, float64(w.Memserver+w.Mcast))
+		}
+		res.CloneWireByN[k] = stat.Median(totals)
 		res.BaselineWire[k] = float64(res.ImageBytes) * float64(n)
 	}
 	res.WireBytes["clone"] = res.CloneWireByN["1"]
@@ -196,7 +224,7 @@ sfguest join $T >/dev/null; echo "JOINED %d"
 		"within this run mean much. clone_ms = x1's time from the clone call to the descriptor registered (capture with xl save -c, " +
 		"split, memserver registration, raft) + the slowest clone host's time from seeing its assignment to the clone running " +
 		"(all pages fetched: stock Xen cannot fault pages in lazily, so clone hosts fetch them eagerly, by memserver and multicast; " +
-		"xl restore of the rebuilt image). Clone wire bytes: x1's memserver and multicast bytes over the run, shared out by N " +
+		"xl restore of the rebuilt image). Clone wire bytes: what x1's memserver and multicast sessions sent for the operation, all N hosts together " +
 		"(descriptor by multicast; zero pages never sent). Baseline: xl save -c to dom0's tmpfs, the image copied with nc to each " +
 		"host in parallel, xl restore there in parallel; wire bytes the image size times N."
 	res.Seconds = time.Since(begin).Seconds()
@@ -215,21 +243,27 @@ sfguest join $T >/dev/null; echo "JOINED %d"
 	return nil
 }
 
-// sentBytes is what x1's memserver and multicast sessions have sent.
-func sentBytes(ctx context.Context, h *xenbed.Host) int64 {
+// sent is what x1's memserver and multicast sessions have sent, in bytes.
+type sent struct {
+	Memserver int64 `json:"memserver"`
+	Mcast     int64 `json:"mcast"`
+}
+
+// sentBytes reads x1's counters from its /metrics.
+func sentBytes(ctx context.Context, h *xenbed.Host) sent {
 	out, err := h.Run(ctx, "sh", "-c", fmt.Sprintf("printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | nc %s 7500", h.IP()))
 	if err != nil {
-		return 0
+		return sent{}
 	}
-	var total int64
-	for _, name := range []string{"sf_memserver_sent_bytes_total", "sf_host_mcast_bytes_sent_total"} {
+	read := func(name string) int64 {
 		m := regexp.MustCompile(`(?m)^` + name + ` (\d+)`).FindStringSubmatch(out)
-		if m != nil {
-			n, _ := strconv.ParseInt(m[1], 10, 64)
-			total += n
+		if m == nil {
+			return 0
 		}
+		n, _ := strconv.ParseInt(m[1], 10, 64)
+		return n
 	}
-	return total
+	return sent{Memserver: read("sf_memserver_sent_bytes_total"), Mcast: read("sf_host_mcast_bytes_sent_total")}
 }
 
 type call struct {
