@@ -102,7 +102,7 @@ func xenClone(t *testing.T, typ string) {
 				strings.Join(slices.DeleteFunc(strings.Split(out, "\n"), func(l string) bool { return !strings.Contains(l, "type=") }), "\n"))
 		}
 		for _, l := range strings.Split(out, "\n") {
-			if regexp.MustCompile(`captured VM|descriptor ready|clone running|descriptor multicast|multicast session done`).MatchString(l) {
+			if regexp.MustCompile(`captured VM|descriptor ready|fetched eagerly|clone running|descriptor multicast|multicast session done`).MatchString(l) {
 				t.Logf("host %d: %s", i+1, l)
 			}
 		}

@@ -313,6 +313,7 @@ func TestEagerFillShares(t *testing.T) {
 	}
 	t.Logf("%d data pages; the clone hosts fetched %d (%.2f of them each) and had %d pushed in; h1 sent %+v",
 		desc.PageCount, fetched, float64(fetched)/float64(desc.PageCount)/2, inserted, b.hosts[0].McastStats())
+	t.Logf("memserver: %+v", b.hosts[0].ms.Stats())
 	if desc.PageCount == 0 || fetched >= 2*uint64(desc.PageCount) || inserted == 0 {
 		t.Errorf("the two clone hosts fetched %d of %d data pages by unicast, %d pushed in: no sharing", fetched, desc.PageCount, inserted)
 	}

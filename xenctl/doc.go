@@ -65,4 +65,12 @@
 // (16,326 of 32,784), which the descriptor only flags. A PageFile, page n
 // at byte n*4096, is thus a sparse file of 4 GiB (0xff000 pages) for any
 // PVH guest; what it stores is the stored pages, 64 MiB here.
+//
+// A PV guest (the same kernel, type="pv") saves faster there (xl save -c
+// 1.6 s against 3.8 s for PVH in the same run) and its stream is compact:
+// 32,768 PFN entries for 128 MiB, all with data, in 32 PAGE_DATA records.
+// Its page-table pages carry their types (L1-L4, pinned or not: 190 of
+// them in a freshly booted guest), as PFNs rather than machine frames, so
+// they go through the split and the rebuild like any page; libxc on the
+// restoring host turns them back into machine frames and pins them.
 package xenctl
