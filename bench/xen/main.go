@@ -49,6 +49,7 @@ type result struct {
 	Machine       string               `json:"machine"`
 	GuestMiB      int                  `json:"guest_mib"`
 	DatasetMB     int                  `json:"dataset_mb"`
+	MTU           int                  `json:"mtu"`
 	Runs          int                  `json:"runs"`
 	CloneMS       map[string]float64   `json:"clone_ms"`
 	CloneMSAll    map[string][]float64 `json:"clone_ms_all"`
@@ -69,14 +70,15 @@ func main() {
 	out := flag.String("out", "bench/results/xen.json", "where to write the JSON results")
 	runs := flag.Int("runs", 1, "runs per N (medians are reported)")
 	dataMB := flag.Int("data", 48, "MB of data the parent holds in memory")
+	mtu := flag.Int("mtu", 1500, "MTU of the bed network (and of the multicast sessions): 1500, or 9000 for jumbo frames")
 	flag.Parse()
-	if err := run(*out, *runs, *dataMB); err != nil {
+	if err := run(*out, *runs, *dataMB, *mtu); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-xen:", err)
 		os.Exit(1)
 	}
 }
 
-func run(out string, runs, dataMB int) error {
+func run(out string, runs, dataMB, mtu int) error {
 	begin := time.Now()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -92,16 +94,16 @@ func run(out string, runs, dataMB int) error {
 	if err != nil {
 		return err
 	}
-	bed, err := xenbed.Start(ctx, xenbed.Options{Hosts: 3, Logger: log, Files: xencluster.Files(bin, im)})
+	bed, err := xenbed.Start(ctx, xenbed.Options{Hosts: 3, Logger: log, Files: xencluster.Files(bin, im), MTU: mtu})
 	if err != nil {
 		return err
 	}
 	defer bed.Close()
-	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 1, 1}})
+	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 1, 1}, McastMTU: mtu})
 	if err != nil {
 		return fmt.Errorf("%w\n%s", err, xencluster.Logs(ctx, bed))
 	}
-	res := result{Date: time.Now().UTC().Format(time.RFC3339), GuestMiB: 128, DatasetMB: dataMB, Runs: runs,
+	res := result{Date: time.Now().UTC().Format(time.RFC3339), GuestMiB: 128, DatasetMB: dataMB, MTU: mtu, Runs: runs,
 		Machine: fmt.Sprintf("%s/%s, %d CPUs, 3 Xen 4.17 hosts nested in QEMU TCG (1 vCPU, 1 GiB dom0 each)", runtime.GOOS, runtime.GOARCH, runtime.NumCPU()),
 		CloneMS: map[string]float64{}, CloneMSAll: map[string][]float64{}, BaselineMS: map[string]float64{},
 		BaselineAll: map[string][]float64{}, WireBytes: map[string]float64{}, CloneWireByN: map[string]float64{},

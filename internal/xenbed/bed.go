@@ -55,6 +55,9 @@ type Options struct {
 	// Dir holds the consoles and logs, and is kept after Close. Empty means
 	// a temporary directory that Close removes.
 	Dir string
+	// MTU is the bed network's (dom0's bed NIC and xenbr0): 0 is 1500;
+	// up to 9000 (jumbo frames, which QEMU's e1000 and the hub carry).
+	MTU int
 	// BootTimeout bounds each host's boot, from QEMU's start to dom0
 	// ready (10 minutes: TCG on a loaded machine is slow).
 	BootTimeout time.Duration
@@ -170,6 +173,9 @@ func Start(ctx context.Context, opts Options) (*Bed, error) {
 	if o.Hosts < 1 || o.Hosts > 250 {
 		return nil, fmt.Errorf("xenbed: %d hosts: want 1 to 250", o.Hosts)
 	}
+	if o.MTU != 0 && (o.MTU < 576 || o.MTU > 9000) {
+		return nil, fmt.Errorf("xenbed: MTU %d: want 576 to 9000", o.MTU)
+	}
 	if o.Dom0MemMB >= o.MemMB {
 		return nil, fmt.Errorf("xenbed: dom0 memory %d MiB leaves nothing of %d MiB", o.Dom0MemMB, o.MemMB)
 	}
@@ -202,7 +208,7 @@ func Start(ctx context.Context, opts Options) (*Bed, error) {
 	}
 	for i := 0; i < o.Hosts; i++ {
 		b.Hosts = append(b.Hosts, &Host{Index: i, cfg: hostConfig{
-			Index: i, QEMU: o.QEMU, MemMB: o.MemMB, Dom0MemMB: o.Dom0MemMB, CPUs: o.CPUs,
+			Index: i, QEMU: o.QEMU, MemMB: o.MemMB, Dom0MemMB: o.Dom0MemMB, CPUs: o.CPUs, MTU: o.MTU,
 			Image: img, Token: token, BedNetdev: b.hub.netdev(i, "bed"),
 			ConsolePath: filepath.Join(b.dir, fmt.Sprintf("h%d.console", i+1)),
 		}, qemuLog: filepath.Join(b.dir, fmt.Sprintf("h%d.qemu.log", i+1))})

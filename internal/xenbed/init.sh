@@ -11,6 +11,7 @@
 #   xenbed.ctlmac=MAC    the NIC behind QEMU's user-mode network (the agent's)
 #   xenbed.bedmac=MAC    the NIC on the bed's network, enslaved to xenbr0
 #   xenbed.ip=A.B.C.D/N  xenbr0's address
+#   xenbed.mtu=N         the bed NIC's and xenbr0's MTU (optional; 1500)
 #   xenbed.token=HEX     the agent's secret (read by the agent itself)
 
 /bin/busybox mount -t proc proc /proc
@@ -100,9 +101,12 @@ bed_net() {
 	bed=$(nic "$(param xenbed.bedmac)") || return 1
 	# A new bridge has STP off, so ports forward at once (busybox's brctl
 	# cannot set stp or setfd).
+	mtu=$(param xenbed.mtu) || mtu=1500
+	# The bridge keeps an MTU set on it, whatever its guests' vifs have.
 	brctl addbr xenbr0 &&
-		ip link set "$bed" up &&
+		ip link set "$bed" mtu "$mtu" up &&
 		brctl addif xenbr0 "$bed" &&
+		ip link set xenbr0 mtu "$mtu" &&
 		ip addr add "$(param xenbed.ip)" dev xenbr0 &&
 		ip link set xenbr0 up
 }

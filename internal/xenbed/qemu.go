@@ -33,6 +33,7 @@ type hostConfig struct {
 	CPUs        int
 	Image       *Image
 	Token       string
+	MTU         int    // of the bed network; 0 is 1500
 	AgentPort   int    // host port forwarded to the agent
 	BedNetdev   string // -netdev value of the bed NIC (from the hub)
 	ConsolePath string // Xen's serial console, which carries dom0's hvc0
@@ -42,8 +43,12 @@ func (c hostConfig) ip() string     { return fmt.Sprintf("%s.%d", bedSubnet, c.I
 func (c hostConfig) ctlMAC() string { return fmt.Sprintf("%s%02x", macCtlBase, c.Index+1) }
 func (c hostConfig) bedMAC() string { return fmt.Sprintf("%s%02x", macBedBase, c.Index+1) }
 func (c hostConfig) dom0Cmdline() string {
-	return fmt.Sprintf("%s xenbed.host=%d xenbed.ctlmac=%s xenbed.bedmac=%s xenbed.ip=%s/24 xenbed.token=%s",
+	s := fmt.Sprintf("%s xenbed.host=%d xenbed.ctlmac=%s xenbed.bedmac=%s xenbed.ip=%s/24 xenbed.token=%s",
 		dom0Console, c.Index+1, c.ctlMAC(), c.bedMAC(), c.ip(), c.Token)
+	if c.MTU != 0 {
+		s += fmt.Sprintf(" xenbed.mtu=%d", c.MTU)
+	}
+	return s
 }
 
 // xenCmdline is the hypervisor's command line. It is passed with -append,

@@ -53,6 +53,8 @@ type Options struct {
 	Debug bool
 	// GuestType is the hosts' --xen-guest-type: "pvh" (default) or "pv".
 	GuestType string
+	// McastMTU is the hosts' --mcast-mtu: the bed's MTU (0: 1500).
+	McastMTU int
 }
 
 // Start launches the daemons (the bed's dom0s must carry Files) and waits
@@ -69,6 +71,10 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 	if opts.GuestType != "" {
 		typ = opts.GuestType
 	}
+	mtu := 1500
+	if opts.McastMTU != 0 {
+		mtu = opts.McastMTU
+	}
 	level := "info"
 	if opts.Debug {
 		level = "debug"
@@ -79,7 +85,7 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 			slots = opts.Slots[i]
 		}
 		// Nested Xen is slow: the LAN failure detector, not the fast one.
-		if err := background(ctx, h, hostdLog, dir+"sfhostd", "agent", "--hypervisor", "xen", "--xen-guest-type", typ,
+		if err := background(ctx, h, hostdLog, dir+"sfhostd", "agent", "--hypervisor", "xen", "--xen-guest-type", typ, "--mcast-mtu", fmt.Sprint(mtu),
 			"--node-id", HostName(i), "--data-dir", "/var/lib/sfhostd",
 			"--api-addr", h.IP()+":7500", "--gossip-addr", h.IP()+":7947", "--memserver-addr", h.IP()+":7501",
 			"--mcast-addr", h.IP(), "--join", h1.IP()+":7946", "--coordinator", c.Coord,
