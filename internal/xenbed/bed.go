@@ -390,7 +390,7 @@ func (b *Bed) Close() error {
 		}
 		if b.hub != nil {
 			b.hub.close()
-			b.log.Debug("hub stopped", "frames", b.hub.frames.Load(), "dropped", b.hub.dropped.Load())
+			b.log.Debug("hub stopped", "frames", b.hub.frames.Load(), "flooded", b.hub.flooded.Load(), "dropped", b.hub.dropped.Load())
 		}
 		if b.removeDir {
 			if err := os.RemoveAll(b.dir); err != nil {

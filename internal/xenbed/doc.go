@@ -1,5 +1,5 @@
 // Package xenbed runs real Xen 4.17 hosts for tests: each host is a QEMU
-// (TCG, -cpu qemu64,+npt) booting Debian's hypervisor with a Debian dom0
+// (TCG, -cpu qemu64,+npt with SSE4 and AES-NI) booting Debian's hypervisor with a Debian dom0
 // that lives entirely in an initramfs, and a control agent in dom0 through
 // which tests run commands and copy files.
 //
@@ -18,7 +18,7 @@
 //	            Start returns when every agent reports ready (init done, `xl info` succeeds).
 //	Host.Run/Exec/Put/Get -> agent.Client -> HTTP with the bed's token -> xenbed-agent in dom0
 //
-// The hosts' bed NICs meet in a user-space Ethernet hub (hub.go) over UDP
+// The hosts' bed NICs meet in a user-space learning switch (hub.go) over UDP
 // on 127.0.0.1, so their traffic never leaves loopback. Guests join the
 // network with vif = ["bridge=xenbr0"]: dom0's /etc/xen/scripts/vif-bridge
 // is a small sh script (Debian's needs bash). Guests' consoles are logged by

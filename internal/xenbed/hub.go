@@ -9,8 +9,13 @@ import (
 	"sync/atomic"
 )
 
-// hub is the bed's Ethernet segment: an Ethernet hub in user space that
-// repeats every frame one host sends to all the others.
+// hub is the bed's Ethernet segment: a learning Ethernet switch in user
+// space. It learns which host each source MAC address is behind (a dom0's
+// own NIC, or a guest bridged to it) and sends a unicast frame only to the
+// host its destination is behind; broadcast, multicast (there is no IGMP
+// snooping, as on most cluster switches) and frames to unknown addresses
+// go to every other host. A host therefore spends no CPU on unicast
+// traffic between two others, as on a switched cluster network.
 //
 // Each QEMU's bed NIC is a UDP socket netdev
 // (-netdev socket,udp=127.0.0.1:<hub port>,localaddr=127.0.0.1:<qemu port>):
@@ -24,10 +29,14 @@ import (
 type hub struct {
 	ports   []*net.UDPConn   // ports[i] talks to host i's QEMU
 	peers   []netip.AddrPort // host i's QEMU socket
-	frames  atomic.Int64     // frames repeated (counted once per sender)
-	dropped atomic.Int64     // datagrams from unexpected sources
+	frames  atomic.Int64     // frames forwarded (counted once per sender)
+	flooded atomic.Int64     // of which went to every other host
+	dropped atomic.Int64     // datagrams from unexpected sources, or runts
 	wg      sync.WaitGroup
 	closing atomic.Bool
+
+	mu  sync.Mutex
+	fdb map[[6]byte]int // source MAC -> the port it was last seen on
 }
 
 // maxFrame bounds a datagram: QEMU sends one Ethernet frame per datagram
@@ -39,7 +48,7 @@ const maxFrame = 65536
 // fails to start if another process takes one in between, and Start tries
 // again.
 func newHub(n int) (*hub, error) {
-	h := &hub{}
+	h := &hub{fdb: map[[6]byte]int{}}
 	for i := 0; i < n; i++ {
 		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
@@ -66,7 +75,35 @@ func (h *hub) netdev(i int, id string) string {
 	return fmt.Sprintf("socket,id=%s,udp=%s,localaddr=%s", id, h.ports[i].LocalAddr(), h.peers[i])
 }
 
-// repeat forwards host i's frames to every other host until close.
+// minFrame is an Ethernet header: destination, source, type.
+const minFrame = 14
+
+// route learns a frame's source on port i and returns the one port its
+// destination is behind, or -1 to flood it to every other port. A frame
+// for a host on its own port goes nowhere (-2): the host's bridge keeps
+// such traffic to itself.
+func (h *hub) route(i int, frame []byte) int {
+	dst, src := [6]byte(frame[0:6]), [6]byte(frame[6:12])
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if src[0]&1 == 0 { // a unicast source: learn where it is
+		h.fdb[src] = i
+	}
+	if dst[0]&1 != 0 { // broadcast or multicast
+		return -1
+	}
+	j, ok := h.fdb[dst]
+	switch {
+	case !ok:
+		return -1
+	case j == i:
+		return -2
+	}
+	return j
+}
+
+// repeat forwards host i's frames until close: to the host behind the
+// destination address, or to every other host.
 func (h *hub) repeat(i int) {
 	defer h.wg.Done()
 	buf := make([]byte, maxFrame)
@@ -78,16 +115,22 @@ func (h *hub) repeat(i int) {
 			}
 			return
 		}
-		if unmap(from) != h.peers[i] {
+		if unmap(from) != h.peers[i] || n < minFrame {
 			h.dropped.Add(1)
 			continue
 		}
 		h.frames.Add(1)
-		for j, c := range h.ports {
-			if j != i {
-				// A host that is not up yet refuses; the frame is lost,
-				// as on a wire with the cable unplugged.
-				c.WriteToUDPAddrPort(buf[:n], h.peers[j])
+		// A host that is not up yet refuses; the frame is lost, as on a
+		// wire with the cable unplugged.
+		switch j := h.route(i, buf[:n]); {
+		case j >= 0:
+			h.ports[j].WriteToUDPAddrPort(buf[:n], h.peers[j])
+		case j == -1:
+			h.flooded.Add(1)
+			for j, c := range h.ports {
+				if j != i {
+					c.WriteToUDPAddrPort(buf[:n], h.peers[j])
+				}
 			}
 		}
 	}

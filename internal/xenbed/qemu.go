@@ -13,9 +13,12 @@ import (
 
 // Machine settings every host shares. -cpu qemu64,+npt gives Xen AMD's
 // nested paging (HAP), which PVH guests need; -cpu max crashes dom0 under
-// TCG (PROBES.md).
+// TCG (PROBES.md). The SSE4, AES-NI and carry-less multiply flags are what
+// any real Xen host has: TCG runs them as helpers, so AES-GCM (memserver,
+// multicast) in dom0 takes Go's assembly path, not its far slower generic
+// code, as on real hardware.
 const (
-	qemuCPU     = "qemu64,+npt"
+	qemuCPU     = "qemu64,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq"
 	ctlNetwork  = "10.0.2.0/24"
 	ctlGuestIP  = "10.0.2.15" // init.sh gives the control NIC this address
 	bedSubnet   = "10.77.0"   // host i is bedSubnet.(i+1)/24

@@ -2,6 +2,7 @@ package xenbed
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -46,7 +47,7 @@ func TestHostArgs(t *testing.T) {
 		{"-append", "dom0_mem=1024M,max:1024M console=com1 com1=115200,8n1 noreboot"},
 		{"-initrd", "/c/vmlinux console=hvc0 earlyprintk=xen xenbed.host=2 xenbed.ctlmac=52:54:00:c7:00:02 " +
 			"xenbed.bedmac=52:54:00:be:00:02 xenbed.ip=10.77.0.2/24 xenbed.token=00112233445566778899aabbccddeeff,/c/dom0.cpio"},
-		{"-cpu", "qemu64,+npt"},
+		{"-cpu", qemuCPU},
 		{"-kernel", "/c/xen.elf"},
 		{"-serial", "file:/d/h2.console"},
 	}
@@ -75,6 +76,10 @@ func TestHostArgs(t *testing.T) {
 
 // TestHub checks that a frame reaches every other host, never its sender,
 // and that datagrams from strangers are dropped.
+// TestHub: the bed's switch floods broadcasts and frames to unknown
+// addresses, learns where each source is, then sends unicast frames to
+// that host alone, never back to the sender; it drops datagrams from
+// strangers and runts.
 func TestHub(t *testing.T) {
 	const n = 3
 	h, err := newHub(n)
@@ -93,38 +98,56 @@ func TestHub(t *testing.T) {
 		qemus[i] = c
 	}
 	hubPort := func(i int) netip.AddrPort { return unmap(h.ports[i].LocalAddr().(*net.UDPAddr).AddrPort()) }
-	if _, err := qemus[0].WriteToUDPAddrPort([]byte("frame-from-0"), hubPort(0)); err != nil {
-		t.Fatal(err)
+	mac := func(b byte) string { return string([]byte{0x52, 0x54, 0, 0, 0, b}) }
+	bcast, mcast := "\xff\xff\xff\xff\xff\xff", "\x01\x00\x5e\x40\x00\x01"
+	steps := []struct {
+		from     int
+		dst, src string
+		want     []int // the hosts that receive the frame
+	}{
+		{0, bcast, mac(0xa0), []int{1, 2}},     // broadcast: everyone else; a0 is behind 0
+		{1, mac(0xa0), mac(0xb1), []int{0}},    // to a known address: its host alone; b1 is behind 1
+		{2, mac(0xee), mac(0xc2), []int{0, 1}}, // to an unknown address: flooded
+		{0, mac(0xb1), mac(0xa0), []int{1}},
+		{2, mcast, mac(0xc2), []int{0, 1}}, // multicast: flooded
+		{0, mac(0xa1), mac(0xa1), nil},     // a1 is behind 0 now: its own traffic stays there
+		{1, mac(0xa1), mac(0xb1), []int{0}},
+		{2, mac(0xb1), mac(0xa0), []int{1}}, // a0 moved to host 2 (a migrated guest)
+		{1, mac(0xa0), mac(0xb1), []int{2}},
+	}
+	buf := make([]byte, 100)
+	for s, st := range steps {
+		frame := st.dst + st.src + "\x08\x00" + fmt.Sprintf("step %d", s)
+		if _, err := qemus[st.from].WriteToUDPAddrPort([]byte(frame), hubPort(st.from)); err != nil {
+			t.Fatal(err)
+		}
+		// A frame that should not arrive has not within the deadline; a
+		// late one would show up as a wrong frame at the next step.
+		for i, c := range qemus {
+			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			k, _, err := c.ReadFromUDPAddrPort(buf)
+			got := err == nil && string(buf[:k]) == frame
+			if err == nil && !got {
+				t.Fatalf("step %d: host %d got %q", s, i, buf[:k])
+			}
+			if want := slices.Contains(st.want, i); got != want {
+				t.Errorf("step %d: host %d received it: %v, want %v", s, i, got, want)
+			}
+		}
 	}
 	stranger, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer stranger.Close()
-	stranger.WriteToUDPAddrPort([]byte("injected"), hubPort(1))
-
-	buf := make([]byte, 100)
-	for i, c := range qemus {
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-		k, _, err := c.ReadFromUDPAddrPort(buf)
-		got := ""
-		if err == nil {
-			got = string(buf[:k])
-		}
-		want := "frame-from-0"
-		if i == 0 {
-			want = "" // no echo to the sender
-		}
-		if got != want {
-			t.Errorf("#%d: got %q (%v), want %q", i, got, err, want)
-		}
-	}
+	stranger.WriteToUDPAddrPort([]byte(bcast+mac(0xdd)+"\x08\x00injected"), hubPort(1))
+	qemus[0].WriteToUDPAddrPort([]byte("runt"), hubPort(0))
 	deadline := time.Now().Add(2 * time.Second)
-	for h.dropped.Load() != 1 && time.Now().Before(deadline) {
+	for h.dropped.Load() != 2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if h.frames.Load() != 1 || h.dropped.Load() != 1 {
-		t.Errorf("frames %d, dropped %d; want 1, 1", h.frames.Load(), h.dropped.Load())
+	if f, fl, d := h.frames.Load(), h.flooded.Load(), h.dropped.Load(); f != int64(len(steps)) || fl != 3 || d != 2 {
+		t.Errorf("frames %d, flooded %d, dropped %d; want %d, 3, 2", f, fl, d, len(steps))
 	}
 }
 
