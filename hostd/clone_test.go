@@ -275,11 +275,10 @@ func TestCloneAcrossHosts(t *testing.T) {
 	}
 }
 
-// TestEagerFillShares: clone hosts that fetch a descriptor's memory
-// eagerly (as Xen hosts must) start at different shares of it while the
-// multicast session carries every page one of them fetched to the other,
-// so between them they fetch fewer than twice the data pages; the clones
-// run from the parent's memory.
+// TestEagerFillShares: two clone hosts that need a descriptor's memory
+// before their clones start (as Xen hosts do) get it from the multicast
+// session, all of it for the price of one send, and fetch by unicast only
+// what the session did not bring; the clones run from the parent's memory.
 func TestEagerFillShares(t *testing.T) {
 	requireFUSE(t)
 	b := newBed(t, 3, withEager())
@@ -314,8 +313,10 @@ func TestEagerFillShares(t *testing.T) {
 	t.Logf("%d data pages; the clone hosts fetched %d (%.2f of them each) and had %d pushed in; h1 sent %+v",
 		desc.PageCount, fetched, float64(fetched)/float64(desc.PageCount)/2, inserted, b.hosts[0].McastStats())
 	t.Logf("memserver: %+v", b.hosts[0].ms.Stats())
-	if desc.PageCount == 0 || fetched >= 2*uint64(desc.PageCount) || inserted == 0 {
-		t.Errorf("the two clone hosts fetched %d of %d data pages by unicast, %d pushed in: no sharing", fetched, desc.PageCount, inserted)
+	pushed := b.hosts[0].McastStats().PagesPushed
+	if n := uint64(desc.PageCount); n == 0 || fetched > n/4 || inserted < 2*(n-n/8) || pushed > n+n/8 {
+		t.Errorf("of %d data pages, h1 multicast %d, the two clone hosts had %d pushed in and fetched %d by unicast: "+
+			"want every page multicast about once, and few fetched", n, pushed, inserted, fetched)
 	}
 }
 

@@ -41,6 +41,10 @@ const (
 	objDescriptor  = 1
 	firstPageBatch = 2
 	pushBatch      = 256 // pages per multicast object: 1 MiB
+	// eagerBatch is the pages per object of a snapshot whose clones
+	// restore eagerly (Xen): no clone waits on any one page, so larger
+	// objects, fewer acknowledgement rounds (4 MiB).
+	eagerBatch = 4 * pushBatch
 	// mcastStall evicts a member that makes no progress this long; a
 	// member that joins late (a busy host) catches up by NAKs meanwhile.
 	mcastStall = 5 * time.Second
@@ -154,6 +158,10 @@ func encodeBatch(pages []memserver.Page) []byte {
 	return b
 }
 
+// maxBatch bounds the pages of a batch a member accepts: what nextBatch
+// can pick, demanded pages beyond a full batch included.
+const maxBatch = 2 * eagerBatch
+
 // decodeBatch parses a page batch of a snapshot of total pages. The pages'
 // data alias b.
 func decodeBatch(b []byte, total uint64) ([]lazyram.Page, error) {
@@ -161,7 +169,7 @@ func decodeBatch(b []byte, total uint64) ([]lazyram.Page, error) {
 		return nil, fmt.Errorf("%w: not a page batch", errBadPayload)
 	}
 	n := uint64(binary.BigEndian.Uint32(b[4:]))
-	if n == 0 || n > pushBatch*4 || uint64(len(b)) < 8+9*n {
+	if n == 0 || n > maxBatch || uint64(len(b)) < 8+9*n {
 		return nil, fmt.Errorf("%w: batch of %d pages in %d bytes", errBadPayload, n, len(b))
 	}
 	nums, kinds, data := b[8:8+8*n], b[8+8*n:8+9*n], b[8+9*n:]
@@ -223,6 +231,7 @@ type pusher struct {
 	// no push (the host that fetched them is the only one to push to);
 	// they are only marked sent.
 	quiet bool
+	batch int // pages per object
 }
 
 // startPusher opens the session of ticket t, whose clones start from ls,
@@ -253,7 +262,11 @@ func (d *Daemon) startPusher(ctx context.Context, ls *localSnap, t fsm.Ticket) {
 	}
 	total := uint64(ls.capture.RAMSize / memserver.PageSize)
 	p := &pusher{d: d, ticket: t.ID, ls: ls, log: d.log.With("ticket", t.ID, "mcast_group", s.group),
-		demand: make(chan [2]uint64, 4096), sent: make([]uint64, (total+63)/64), total: total, quiet: len(members) == 1}
+		demand: make(chan [2]uint64, 4096), sent: make([]uint64, (total+63)/64), total: total, quiet: len(members) == 1,
+		batch: pushBatch}
+	if eagerDriver(ls.capture.Meta) {
+		p.batch = eagerBatch
+	}
 	pctx, cancel := context.WithCancel(d.stopCtx)
 	d.mu.Lock()
 	if ls.releasedFlag {
@@ -339,10 +352,10 @@ func (p *pusher) nextBatch() ([]uint64, int) {
 		}
 	}
 drain:
-	for len(out) < pushBatch {
+	for len(out) < p.batch {
 		select {
 		case run := <-p.demand:
-			for pg := run[0]; pg < run[0]+run[1] && len(out) < pushBatch*2; pg++ {
+			for pg := run[0]; pg < run[0]+run[1] && len(out) < p.batch*2; pg++ {
 				if p.quiet {
 					if pg < p.total {
 						p.markSent(pg)
@@ -357,7 +370,7 @@ drain:
 	}
 	demanded := len(out)
 	ranges := p.ls.pages
-	for len(out) < pushBatch && p.next < len(ranges) {
+	for len(out) < p.batch && p.next < len(ranges) {
 		r := ranges[p.next]
 		if p.at < r.Start {
 			p.at = r.Start
@@ -408,6 +421,10 @@ type catcher struct {
 	// fetch each page about once and the session carries it to the rest.
 	part, parts int
 
+	// ended is closed when the session is over for this host: the sender
+	// said bye or fell silent, or evicted it.
+	ended chan struct{}
+
 	mu       sync.Mutex
 	src      *source
 	srcReady chan struct{}
@@ -442,7 +459,7 @@ func (d *Daemon) joinSession(t fsm.TicketView) *catcher {
 	}
 	ctx, cancel := context.WithCancel(d.stopCtx)
 	c := &catcher{ticket: t.ID, recv: r, desc: make(chan envelope, 1), cancel: cancel, refs: 1,
-		srcReady: make(chan struct{}), parts: 1}
+		srcReady: make(chan struct{}), parts: 1, ended: make(chan struct{})}
 	var hosts []string
 	for _, h := range t.Placements {
 		if !slices.Contains(hosts, h) {
@@ -495,6 +512,7 @@ func (c *catcher) setSource(src *source) {
 
 // catch receives the session's objects until it ends.
 func (d *Daemon) catch(ctx context.Context, c *catcher) {
+	defer close(c.ended)
 	defer c.recv.Close()
 	stop := context.AfterFunc(ctx, func() { c.recv.Close() })
 	defer stop()

@@ -236,6 +236,11 @@ func (d *Daemon) prepare(ctx context.Context, src *source, cat *catcher) error {
 	}
 	if d.cfg.EagerRestore || eagerDriver(desc.Meta) {
 		start := time.Now()
+		if cat != nil && parts > 2 && src.via == "multicast" {
+			// Two or more hosts fill: let the session bring them every
+			// page at once, and fetch by unicast only what it did not.
+			d.awaitPush(ctx, cat, lz, id)
+		}
 		if err := lz.FillFrom(ctx, id, part, parts, 256, 4); err != nil {
 			return fmt.Errorf("eager restore: %w", err)
 		}
@@ -246,6 +251,50 @@ func (d *Daemon) prepare(ctx context.Context, src *source, cat *catcher) error {
 	d.log.Info("descriptor ready", "descriptor", src.id, "bytes", len(blob), "data_pages", desc.DataPages(),
 		"parent_vm", desc.Meta.ParentVM, "memserver", meta.MemserverAddr)
 	return nil
+}
+
+// pushStall is how long an eager fill waits for the multicast session to
+// bring it a page before it fetches the rest by unicast (longer than the
+// sender's mcastStall, after which the sender evicts a member that is
+// behind, so that a slow member is evicted, not left waiting).
+const pushStall = mcastStall + 2*time.Second
+
+// awaitPush waits while c's session pushes descriptor id's pages into lz:
+// until the session ends for this host (every page pushed, or evicted),
+// no page has come for pushStall, or ctx ends.
+func (d *Daemon) awaitPush(ctx context.Context, c *catcher, lz *lazyram.FS, id string) {
+	start := time.Now()
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	var seen uint64
+	moved := start
+	why := "the session ended"
+	defer func() {
+		st, _ := lz.Stats(id)
+		d.log.Info("waited for the multicast push", "descriptor_file", id, "took", time.Since(start),
+			"inserted_pages", st.Inserted, "until", why)
+	}()
+	for {
+		select {
+		case <-c.ended:
+			return
+		case <-ctx.Done():
+			why = "cancelled"
+			return
+		case now := <-tick.C:
+			st, err := lz.Stats(id)
+			if err != nil {
+				why = err.Error()
+				return
+			}
+			if st.Inserted != seen {
+				seen, moved = st.Inserted, now
+			} else if now.Sub(moved) > pushStall {
+				why = "no page came for " + pushStall.String()
+				return
+			}
+		}
+	}
 }
 
 // fetchDescriptor gets a descriptor's bytes and memserver capability from
