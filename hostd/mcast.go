@@ -303,7 +303,8 @@ func (p *pusher) run(ctx context.Context, s session, members []string) {
 		snd.Close()
 		d.mcast.bytesSent.Add(st.BytesSent)
 		p.log.Info("multicast session done", "pages", pushed, "evicted", snd.Evicted(), "took", time.Since(start),
-			"bytes_sent", st.BytesSent)
+			"bytes_sent", st.BytesSent, "data_packets", st.DataPackets, "repairs", st.RepairPackets, "parity", st.ParityPackets,
+			"naks", st.NAKs)
 	}()
 	env := encodeEnvelope(envelope{memID: p.ls.memID, capability: p.ls.capability, blob: p.ls.blob})
 	rep, err := snd.Send(ctx, objDescriptor, env)
@@ -517,6 +518,12 @@ func (d *Daemon) catch(ctx context.Context, c *catcher) {
 	stop := context.AfterFunc(ctx, func() { c.recv.Close() })
 	defer stop()
 	log := d.log.With("ticket", c.ticket)
+	start := time.Now()
+	defer func() {
+		st := c.recv.Stats()
+		log.Info("multicast session left", "took", time.Since(start), "objects", st.Objects, "bytes_received", st.BytesReceived,
+			"duplicates", st.Duplicates, "naks_sent", st.NAKsSent, "parity_used", st.ParityUsed, "drops", fmt.Sprintf("%+v", st.Drops))
+	}()
 	for {
 		obj, err := c.recv.Receive(ctx)
 		if err != nil {
