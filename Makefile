@@ -39,7 +39,7 @@ bench: bench-coord bench-boot bench-clone bench-mcast
 
 # Real Xen nested in QEMU TCG: clone vs xl save + copy + xl restore (about 10 min).
 bench-xen:
-	$(GO) run ./bench/xen -out bench/results/xen.json
+	$(GO) run ./bench/xen -mtu 9000 -out bench/results/xen.json
 
 bench-coord:
 	$(GO) run ./bench/coord -out bench/results/coord.json

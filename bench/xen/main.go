@@ -50,6 +50,7 @@ type result struct {
 	GuestMiB      int                  `json:"guest_mib"`
 	DatasetMB     int                  `json:"dataset_mb"`
 	MTU           int                  `json:"mtu"`
+	McastMTU      int                  `json:"mcast_mtu"`
 	Runs          int                  `json:"runs"`
 	CloneMS       map[string]float64   `json:"clone_ms"`
 	CloneMSAll    map[string][]float64 `json:"clone_ms_all"`
@@ -71,14 +72,18 @@ func main() {
 	runs := flag.Int("runs", 1, "runs per N (medians are reported)")
 	dataMB := flag.Int("data", 48, "MB of data the parent holds in memory")
 	mtu := flag.Int("mtu", 1500, "MTU of the bed network (and of the multicast sessions): 1500, or 9000 for jumbo frames")
+	mcastMTU := flag.Int("mcast-mtu", 0, "the hosts' --mcast-mtu (0: the bed's MTU); above it, the kernel fragments each multicast datagram")
 	flag.Parse()
-	if err := run(*out, *runs, *dataMB, *mtu); err != nil {
+	if *mcastMTU == 0 {
+		*mcastMTU = *mtu
+	}
+	if err := run(*out, *runs, *dataMB, *mtu, *mcastMTU); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-xen:", err)
 		os.Exit(1)
 	}
 }
 
-func run(out string, runs, dataMB, mtu int) error {
+func run(out string, runs, dataMB, mtu, mcastMTU int) error {
 	begin := time.Now()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -99,11 +104,11 @@ func run(out string, runs, dataMB, mtu int) error {
 		return err
 	}
 	defer bed.Close()
-	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 1, 1}, McastMTU: mtu})
+	c, err := xencluster.Start(ctx, bed, xencluster.Options{Slots: []int{0, 1, 1}, McastMTU: mcastMTU})
 	if err != nil {
 		return fmt.Errorf("%w\n%s", err, xencluster.Logs(ctx, bed))
 	}
-	res := result{Date: time.Now().UTC().Format(time.RFC3339), GuestMiB: 128, DatasetMB: dataMB, MTU: mtu, Runs: runs,
+	res := result{Date: time.Now().UTC().Format(time.RFC3339), GuestMiB: 128, DatasetMB: dataMB, MTU: mtu, McastMTU: mcastMTU, Runs: runs,
 		Machine: fmt.Sprintf("%s/%s, %d CPUs, 3 Xen 4.17 hosts nested in QEMU TCG (1 vCPU, 1 GiB dom0 each)", runtime.GOOS, runtime.GOARCH, runtime.NumCPU()),
 		CloneMS: map[string]float64{}, CloneMSAll: map[string][]float64{}, BaselineMS: map[string]float64{},
 		BaselineAll: map[string][]float64{}, WireBytes: map[string]float64{}, CloneWireByN: map[string]float64{},
@@ -166,6 +171,16 @@ sfguest join $T >/dev/null; echo "JOINED %d"; sleep 8
 	if err != nil {
 		return err
 	}
+	// How the multicast sessions went, from every host's log.
+	for i := range c.Bed.Hosts {
+		log, _ := c.HostLog(ctx, i)
+		for _, l := range strings.Split(log, "\n") {
+			if strings.Contains(l, "multicast session done") || strings.Contains(l, "multicast session left") ||
+				strings.Contains(l, "waited for the multicast push") || strings.Contains(l, "fetched eagerly") {
+				fmt.Printf("x%d: %s\n", i+1, l)
+			}
+		}
+	}
 	if len(calls) != len(order) {
 		return fmt.Errorf("%d clone calls in x1's log, want %d", len(calls), len(order))
 	}
@@ -225,7 +240,8 @@ sfguest join $T >/dev/null; echo "JOINED %d"; sleep 8
 	res.Notes = "Nested Xen under QEMU TCG on a 2-core machine: absolute times are those of emulated hosts and only the ratios " +
 		"within this run mean much. clone_ms = x1's time from the clone call to the descriptor registered (capture with xl save -c, " +
 		"split, memserver registration, raft) + the slowest clone host's time from seeing its assignment to the clone running " +
-		"(all pages fetched: stock Xen cannot fault pages in lazily, so clone hosts fetch them eagerly, by memserver and multicast; " +
+		"(all pages local first: stock Xen cannot fault pages in lazily; one clone host fetches them from the memserver while multicast " +
+		"brings them from the other end, two or more take them from one multicast and fetch only what it missed; " +
 		"xl restore of the rebuilt image). Clone wire bytes: what x1's memserver and multicast sessions sent for the operation, all N hosts together " +
 		"(descriptor by multicast; zero pages never sent). Baseline: xl save -c to dom0's tmpfs, the image copied with nc to each " +
 		"host in parallel, xl restore there in parallel; wire bytes the image size times N."
