@@ -264,34 +264,40 @@ const pushStall = mcastStall + 2*time.Second
 // no page has come for pushStall, or ctx ends.
 func (d *Daemon) awaitPush(ctx context.Context, c *catcher, lz *lazyram.FS, id string) {
 	start := time.Now()
-	tick := time.NewTicker(250 * time.Millisecond)
+	why := waitProgress(ctx, c.ended, func() (uint64, error) {
+		st, err := lz.Stats(id)
+		return st.Inserted, err
+	}, pushStall)
+	st, _ := lz.Stats(id)
+	d.log.Info("waited for the multicast push", "descriptor_file", id, "took", time.Since(start),
+		"inserted_pages", st.Inserted, "until", why)
+}
+
+// waitProgress waits until done is closed, ctx ends, count fails, or
+// count has not changed for stall, and says which.
+func waitProgress(ctx context.Context, done <-chan struct{}, count func() (uint64, error), stall time.Duration) string {
+	tick := time.NewTicker(min(stall/4, 250*time.Millisecond))
 	defer tick.Stop()
-	var seen uint64
-	moved := start
-	why := "the session ended"
-	defer func() {
-		st, _ := lz.Stats(id)
-		d.log.Info("waited for the multicast push", "descriptor_file", id, "took", time.Since(start),
-			"inserted_pages", st.Inserted, "until", why)
-	}()
+	seen, err := count()
+	if err != nil {
+		return err.Error()
+	}
+	moved := time.Now()
 	for {
 		select {
-		case <-c.ended:
-			return
+		case <-done:
+			return "the session ended"
 		case <-ctx.Done():
-			why = "cancelled"
-			return
+			return "cancelled"
 		case now := <-tick.C:
-			st, err := lz.Stats(id)
+			n, err := count()
 			if err != nil {
-				why = err.Error()
-				return
+				return err.Error()
 			}
-			if st.Inserted != seen {
-				seen, moved = st.Inserted, now
-			} else if now.Sub(moved) > pushStall {
-				why = "no page came for " + pushStall.String()
-				return
+			if n != seen {
+				seen, moved = n, now
+			} else if now.Sub(moved) >= stall {
+				return "no page came for " + stall.String()
 			}
 		}
 	}
