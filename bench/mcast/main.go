@@ -26,6 +26,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -78,9 +79,23 @@ func main() {
 	ns := flag.String("n", "1,2,4,8", "member counts")
 	lossN := flag.Int("loss-n", 8, "member count of the headline 1% loss figure")
 	jumbo := flag.Int("jumbo-mtu", 9000, "MTU of the jumbo-frame series (0: none)")
+	profile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (sender and members) to this file")
 	flag.Parse()
+	if *profile != "" {
+		f, err := os.Create(*profile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench-mcast:", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(*out, *size, *runs, *ns, *lossN, *jumbo); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-mcast:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
