@@ -147,6 +147,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	img.register(fs)
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	logJSON := fs.Bool("log-json", false, "log in JSON")
+	pprofAddr := fs.String("pprof-addr", "", "serve Go's runtime profiles (/debug/pprof/) on this loopback address, without authentication (\"\": off)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			fmt.Fprintf(stderr, "Usage of sfhostd agent:\n%s", fs.FlagUsages())
@@ -214,6 +215,12 @@ func runAgent(args []string, stderr io.Writer) error {
 		return usagef("agent: --mem must be positive and --slots not negative")
 	}
 	cfg.MemMB = *mem
+	var profiles netip.AddrPort
+	if *pprofAddr != "" {
+		if profiles, err = parsePprofAddr(*pprofAddr); err != nil {
+			return err
+		}
+	}
 	if *encrypt != "" {
 		k, err := gossip.DecodeKey(*encrypt)
 		if err != nil {
@@ -231,6 +238,13 @@ func runAgent(args []string, stderr io.Writer) error {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
+	if profiles.IsValid() {
+		_, stop, err := servePprof(ctx, profiles, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 
 	log.Info("preparing the guest image")
 	im, err := img.build(ctx, log.Named("image"))

@@ -1,7 +1,10 @@
 // Package xencluster runs a SnowFlock cluster inside a Xen test bed
 // (internal/xenbed): one sfcoord in the first host's dom0 and an sfhostd
 // with the Xen driver in every dom0, all on the bed's network. Tests and
-// benchmarks drive it with the sfcoord CLI inside dom0.
+// benchmarks drive it with the sfcoord CLI inside dom0. Every sfhostd
+// serves its runtime profiles on dom0's 127.0.0.1:6060 (--pprof-addr):
+// from the bed's agent, `wget -O /tmp/cpu.prof
+// 'http://127.0.0.1:6060/debug/pprof/profile?seconds=30'`, then Host.Get.
 package xencluster
 
 import (
@@ -87,7 +90,7 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 		// Nested Xen is slow: the LAN failure detector, not the fast one.
 		if err := background(ctx, h, hostdLog, dir+"sfhostd", "agent", "--hypervisor", "xen", "--xen-guest-type", typ, "--mcast-mtu", fmt.Sprint(mtu),
 			"--node-id", HostName(i), "--data-dir", "/var/lib/sfhostd",
-			"--api-addr", h.IP()+":7500", "--gossip-addr", h.IP()+":7947", "--memserver-addr", h.IP()+":7501",
+			"--api-addr", h.IP()+":7500", "--pprof-addr", "127.0.0.1:6060", "--gossip-addr", h.IP()+":7947", "--memserver-addr", h.IP()+":7501",
 			"--mcast-addr", h.IP(), "--join", h1.IP()+":7946", "--coordinator", c.Coord,
 			"--kernel", dir+"vmlinux", "--initrd", dir+"initrd", "--slots", fmt.Sprint(slots), "--mem", "512",
 			"--gossip-profile", "lan", "--log-level", level); err != nil {
