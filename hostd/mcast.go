@@ -522,7 +522,7 @@ func (d *Daemon) catch(ctx context.Context, c *catcher) {
 	defer func() {
 		st := c.recv.Stats()
 		log.Info("multicast session left", "took", time.Since(start), "objects", st.Objects, "bytes_received", st.BytesReceived,
-			"duplicates", st.Duplicates, "naks_sent", st.NAKsSent, "parity_used", st.ParityUsed, "drops", fmt.Sprintf("%+v", st.Drops))
+			"duplicates", st.Duplicates, "statuses_sent", st.StatusesSent, "naks_sent", st.NAKsSent, "parity_used", st.ParityUsed, "drops", fmt.Sprintf("%+v", st.Drops))
 	}()
 	for {
 		obj, err := c.recv.Receive(ctx)

@@ -24,8 +24,8 @@
 // optional token-bucket Rate caps the bytes per second). A member NAKs the
 // fragments it saw pass by (a gap, or a poll announcing how many were
 // sent) at once, and again after NakRetry if they have not come; it ACKs
-// every AckEvery fragments, every Tick while incomplete, on every poll and
-// on completion. The sender repairs a NAKed fragment by multicast once per
+// every AckEvery fragments, every Tick while incomplete (but no sooner
+// than StatusGap after its last status), on every poll and on completion. The sender repairs a NAKed fragment by multicast once per
 // RepairHoldoff, however many members ask: N members missing the same
 // fragment cost one repair (suppression at the sender, as feedback is
 // unicast). With FEC (SenderConfig.BlockSize, 64 by default) fragments

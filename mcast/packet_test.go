@@ -280,3 +280,59 @@ func FuzzReceiverPacket(f *testing.F) {
 }
 
 func hclogNull() hclog.Logger { return hclog.NewNullLogger() }
+
+// TestStatusGap: the member's timer sends a status for an object that
+// moved, but no sooner than StatusGap after the object's last status.
+func TestStatusGap(t *testing.T) {
+	var key [32]byte
+	fb, err := listenUnicast(context.Background(), netip.MustParseAddr("127.0.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	open, _ := senderAEAD(key, 1)
+	self, _ := memberAEAD(key, 1, "m")
+	r := &Receiver{cfg: ReceiverConfig{SessionID: 1, MaxObjectSize: 1 << 20, AckEvery: 1 << 20, NakRetry: time.Hour,
+		Tick: 10 * time.Millisecond, StatusGap: 30 * time.Millisecond},
+		tag: memberTag("m"), open: open, feedback: fb, seal: newSealer(self, 1, memberTag("m")),
+		objects: make(chan Object, 4), quit: make(chan struct{})}
+	r.log = hclogNull()
+	snd := newSealer(open, 1, 0)
+	from := netip.MustParseAddrPort("127.0.0.1:9") // statuses go to the discard port
+	t0 := time.Now()
+	ms := func(n int) time.Time { return t0.Add(time.Duration(n) * time.Millisecond) }
+	fragment := func(i uint32, at time.Time) {
+		d := dataBody{object: 1, length: 10 * 100, fragSize: 100, index: i, payload: make([]byte, 100)}
+		if err := r.handle(snd.seal(nil, typeData, func(b []byte) []byte { return appendData(b, d) }), from, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	statuses := func() uint64 { return r.Stats().StatusesSent }
+	for _, step := range []struct {
+		fragment int // -1: none
+		tick     int // ms after t0
+		want     uint64
+	}{
+		{0, 10, 1},  // moved: a status
+		{1, 20, 1},  // moved, 10ms after the last status: none
+		{2, 30, 1},  // 20ms after: none
+		{-1, 40, 2}, // 30ms after: it goes
+		{-1, 80, 2}, // nothing new since: none
+		{3, 90, 3},  // moved, 50ms after: a status
+	} {
+		if step.fragment >= 0 {
+			fragment(uint32(step.fragment), ms(step.tick-1))
+		}
+		if err := r.tick(ms(step.tick)); err != nil {
+			t.Fatal(err)
+		}
+		if got := statuses(); got != step.want {
+			t.Fatalf("after the tick at %dms: %d statuses, want %d", step.tick, got, step.want)
+		}
+	}
+	// A gap goes at once, whatever the timer.
+	fragment(7, ms(91))
+	if got := statuses(); got != 4 {
+		t.Errorf("a gap sent no status at once (%d statuses)", got)
+	}
+}

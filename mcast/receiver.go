@@ -38,6 +38,13 @@ type ReceiverConfig struct {
 	// Tick is the period of the member's timer: statuses while a transfer
 	// is incomplete (10ms).
 	Tick time.Duration
+	// StatusGap is the least time from one status of an object to a
+	// status of the timer (30ms): where packets come slowly (a loaded or
+	// virtual host) the timer's statuses would otherwise rival the data
+	// in packets, and each costs both ends a system call and a seal.
+	// Statuses for a gap, every AckEvery fragments and on completion go
+	// at once.
+	StatusGap time.Duration
 	// IdleTimeout ends the session with ErrSenderSilent when nothing
 	// authentic comes from the sender for this long (0: never).
 	IdleTimeout time.Duration
@@ -66,6 +73,9 @@ func (c *ReceiverConfig) setDefaults() {
 	}
 	if c.Tick == 0 {
 		c.Tick = 10 * time.Millisecond
+	}
+	if c.StatusGap == 0 {
+		c.StatusGap = 30 * time.Millisecond
 	}
 	if c.Queue == 0 {
 		c.Queue = 4
@@ -131,7 +141,8 @@ type assembly struct {
 	nakAt      map[uint32]int64 // fragments asked for: when, in ns since the assembly began
 	start      time.Time
 	sinceAck   int
-	dirty      bool // progress since the last status
+	dirty      bool      // progress since the last status
+	statusAt   time.Time // the last status
 
 	// FEC: the block size K the sender uses (0: none), once a data or
 	// parity packet told it; the parity symbols held for incomplete
@@ -301,12 +312,13 @@ func (r *Receiver) loop() error {
 }
 
 // tick sends a status for an incomplete object that moved or misses
-// fragments, and watches the sender's silence.
+// fragments, unless one went within StatusGap, and watches the sender's
+// silence.
 func (r *Receiver) tick(now time.Time) error {
 	if r.cfg.IdleTimeout > 0 && now.Sub(r.lastHeard) > r.cfg.IdleTimeout {
 		return fmt.Errorf("%w: nothing for %v", ErrSenderSilent, now.Sub(r.lastHeard).Round(time.Millisecond))
 	}
-	if a := r.cur; a != nil && (a.dirty || a.received < a.horizon) {
+	if a := r.cur; a != nil && (a.dirty || a.received < a.horizon) && now.Sub(a.statusAt) >= r.cfg.StatusGap {
 		r.sendStatus(a, now)
 	}
 	return nil
@@ -601,7 +613,7 @@ func (r *Receiver) sendStatus(a *assembly, now time.Time) {
 	if len(st.missing) > 0 || len(st.blocks) > 0 {
 		r.stats.naks.Add(1)
 	}
-	a.sinceAck, a.dirty = 0, false
+	a.sinceAck, a.dirty, a.statusAt = 0, false, now
 	r.writeStatus(st)
 }
 
