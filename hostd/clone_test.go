@@ -281,7 +281,15 @@ func TestCloneAcrossHosts(t *testing.T) {
 // what the session did not bring; the clones run from the parent's memory.
 func TestEagerFillShares(t *testing.T) {
 	requireFUSE(t)
-	b := newBed(t, 3, withEager())
+	// The push is capped so that each batch of pages (1 MiB from a QEMU
+	// parent) takes longer than the clone hosts' stall timeout: they must
+	// take packets as progress, not only whole batches, and wait for the
+	// session rather than fetch.
+	slow := func(i int, cfg *Config) {
+		cfg.McastRate = 4 << 20
+		cfg.pushStall = 150 * time.Millisecond
+	}
+	b := newBed(t, 3, withEager(), slow)
 	vm, console := b.runVM(fmt.Sprintf(cloneWorkload, 2), 256, 3*time.Minute)
 	m := regexp.MustCompile(`PARENT-STATE ([0-9a-f]{16})`).FindStringSubmatch(console)
 	if m == nil || !regexp.MustCompile(`(?m)^PARENT-DONE`).MatchString(console) {

@@ -106,6 +106,8 @@ type Config struct {
 	// McastWait is how long a clone host waits for a descriptor by
 	// multicast before it fetches it by unicast (DefaultMcastWait).
 	McastWait time.Duration
+	// pushStall overrides the const of that name (tests).
+	pushStall time.Duration
 	// OnEvent, if set, is called with clone life-cycle events, from the
 	// daemon's goroutines; it must not block.
 	OnEvent func(Event)

@@ -618,6 +618,9 @@ func (c *Config) mcastDefaults() error {
 	if c.McastWait <= 0 {
 		c.McastWait = DefaultMcastWait
 	}
+	if c.pushStall <= 0 {
+		c.pushStall = pushStall
+	}
 	return nil
 }
 

@@ -254,20 +254,23 @@ func (d *Daemon) prepare(ctx context.Context, src *source, cat *catcher) error {
 }
 
 // pushStall is how long an eager fill waits for the multicast session to
-// bring it a page before it fetches the rest by unicast (longer than the
+// bring it a packet before it fetches the rest by unicast (longer than the
 // sender's mcastStall, after which the sender evicts a member that is
 // behind, so that a slow member is evicted, not left waiting).
 const pushStall = mcastStall + 2*time.Second
 
 // awaitPush waits while c's session pushes descriptor id's pages into lz:
 // until the session ends for this host (every page pushed, or evicted),
-// no page has come for pushStall, or ctx ends.
+// nothing has come for pushStall, or ctx ends. Progress is data and
+// parity packets, not pages: a batch of pages is inserted whole once its
+// last packet is in, which on a slow network takes seconds.
 func (d *Daemon) awaitPush(ctx context.Context, c *catcher, lz *lazyram.FS, id string) {
 	start := time.Now()
 	why := waitProgress(ctx, c.ended, func() (uint64, error) {
 		st, err := lz.Stats(id)
-		return st.Inserted, err
-	}, pushStall)
+		rs := c.recv.Stats()
+		return st.Inserted + rs.DataPackets + rs.ParityPackets, err
+	}, d.cfg.pushStall)
 	st, _ := lz.Stats(id)
 	d.log.Info("waited for the multicast push", "descriptor_file", id, "took", time.Since(start),
 		"inserted_pages", st.Inserted, "until", why)
@@ -297,7 +300,7 @@ func waitProgress(ctx context.Context, done <-chan struct{}, count func() (uint6
 			if n != seen {
 				seen, moved = n, now
 			} else if now.Sub(moved) >= stall {
-				return "no page came for " + stall.String()
+				return "nothing came for " + stall.String()
 			}
 		}
 	}

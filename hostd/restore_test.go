@@ -36,10 +36,10 @@ func TestWaitProgress(t *testing.T) {
 	}{
 		{"session ended", context.Background(), closed, moving(0), "the session ended", 0},
 		{"cancelled", cancelled, make(chan struct{}), moving(0), "cancelled", 0},
-		{"no page at all", context.Background(), make(chan struct{}), moving(0), "no page came for 100ms", stall},
+		{"no page at all", context.Background(), make(chan struct{}), moving(0), "nothing came for 100ms", stall},
 		// The first count, then 11 changes at one per tick (stall/4),
 		// then a stall: no wait gives up while pages come.
-		{"pages, then none", context.Background(), make(chan struct{}), moving(12), "no page came for 100ms", 11*stall/4 + stall},
+		{"pages, then none", context.Background(), make(chan struct{}), moving(12), "nothing came for 100ms", 11*stall/4 + stall},
 		{"stats fail", context.Background(), make(chan struct{}), func() (uint64, error) {
 			return 0, errors.New("no such snapshot")
 		}, "no such snapshot", 0},

@@ -60,6 +60,9 @@
 //
 // Wire format: see packet.go. Tests inject seeded loss in every receive
 // path (ReceiverConfig.LossRate, SenderConfig.LossRate). Not done: rate
-// adaptation beyond the ACK window (the window is fixed), proactive
-// (unrequested) parity, IPv6, and re-admitting an evicted member.
+// adaptation beyond the ACK window (the window is fixed; an AIMD window
+// was tried and lost speed), proactive (unrequested) parity, IPv6,
+// re-admitting an evicted member, and batched system calls (sendmmsg of
+// 32-packet bursts overflowed the socket buffers of emulated NICs in the
+// nested Xen bed; recvmmsg alone gained nothing there).
 package mcast
