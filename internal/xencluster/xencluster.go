@@ -60,6 +60,13 @@ type Options struct {
 	McastMTU int
 }
 
+// gossipProfile is the daemons' failure detector. Three emulated dom0s share
+// the machine's cores, and a dom0 busy sending a snapshot can leave its
+// gossip port unanswered for seconds: with the LAN profile (500 ms probes)
+// the parent's host was once declared failed in the middle of a clone, which
+// killed the ticket. The WAN profile waits longer; no test here kills a host.
+const gossipProfile = "wan"
+
 // Start launches the daemons (the bed's dom0s must carry Files) and waits
 // until every host is registered.
 func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error) {
@@ -67,7 +74,7 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 	c := &Cluster{Bed: bed, Coord: h1.IP() + ":7400"}
 	if err := background(ctx, h1, coordLog, dir+"sfcoord", "agent", "--node-id", "c1", "--data-dir", "/var/lib/sfcoord",
 		"--raft-addr", h1.IP()+":7300", "--http-addr", c.Coord, "--gossip-addr", h1.IP()+":7946",
-		"--bootstrap-expect", "1", "--gossip-profile", "lan"); err != nil {
+		"--bootstrap-expect", "1", "--gossip-profile", gossipProfile); err != nil {
 		return nil, err
 	}
 	typ := "pvh"
@@ -87,13 +94,12 @@ func Start(ctx context.Context, bed *xenbed.Bed, opts Options) (*Cluster, error)
 		if i < len(opts.Slots) {
 			slots = opts.Slots[i]
 		}
-		// Nested Xen is slow: the LAN failure detector, not the fast one.
 		if err := background(ctx, h, hostdLog, dir+"sfhostd", "agent", "--hypervisor", "xen", "--xen-guest-type", typ, "--mcast-mtu", fmt.Sprint(mtu),
 			"--node-id", HostName(i), "--data-dir", "/var/lib/sfhostd",
 			"--api-addr", h.IP()+":7500", "--pprof-addr", "127.0.0.1:6060", "--gossip-addr", h.IP()+":7947", "--memserver-addr", h.IP()+":7501",
 			"--mcast-addr", h.IP(), "--join", h1.IP()+":7946", "--coordinator", c.Coord,
 			"--kernel", dir+"vmlinux", "--initrd", dir+"initrd", "--slots", fmt.Sprint(slots), "--mem", "512",
-			"--gossip-profile", "lan", "--log-level", level); err != nil {
+			"--gossip-profile", gossipProfile, "--log-level", level); err != nil {
 			return nil, err
 		}
 	}
