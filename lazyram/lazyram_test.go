@@ -528,3 +528,106 @@ func TestReadPages(t *testing.T) {
 		}
 	}
 }
+
+// TestInsertPages pushes batches in the shapes multicast gives (unsorted,
+// with duplicates, zero pages inside runs, runs longer than one write, pages
+// already present) and checks that every page then reads as pushed, that
+// no page present is overwritten, and that only pages never pushed are
+// fetched.
+func TestInsertPages(t *testing.T) {
+	requireFUSE(t)
+	const n = 1024
+	src, _ := frozen(t, n, 1) // the source's answer for any page not pushed
+	fs := mount(t)
+	source := &fileSource{f: src}
+	if _, err := fs.Add(Snapshot{ID: "ins", Size: n * PageSize, HasData: func(uint64) bool { return true }, Source: source}); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, n*PageSize)
+	if _, err := src.ReadAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	page := func(num uint64, v byte) Page { return Page{Num: num, Data: bytes.Repeat([]byte{v}, PageSize)} }
+	set := func(p Page) { copy(want[p.Num*PageSize:(p.Num+1)*PageSize], p.Data) }
+	zero := func(num uint64) { clear(want[num*PageSize : (num+1)*PageSize]) }
+	var inserted uint64
+	for _, tc := range []struct {
+		name  string
+		batch func() []Page
+		added int
+	}{
+		{"one page", func() []Page { return []Page{page(3, 1)} }, 1},
+		{"unsorted run", func() []Page { return []Page{page(12, 2), page(10, 3), page(11, 4)} }, 3},
+		{"duplicate keeps the first", func() []Page { return []Page{page(20, 5), page(20, 6), page(21, 7)} }, 2},
+		{"zero page inside a run", func() []Page { return []Page{page(30, 8), {Num: 31, Zero: true}, page(32, 9)} }, 3},
+		{"present pages are kept", func() []Page { return []Page{page(10, 10), page(13, 11), page(3, 12)} }, 1},
+		{"runs longer than one write", func() []Page {
+			var b []Page
+			for p := uint64(400); p < 1000; p++ {
+				if p != 700 {
+					b = append(b, page(p, byte(p)))
+				}
+			}
+			return b
+		}, 599},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			batch := tc.batch()
+			// What the file must hold: the first copy of each page not present.
+			seen := map[uint64]bool{}
+			var expect []Page
+			for _, p := range batch {
+				if !seen[p.Num] && !fs.present(t, "ins", p.Num) {
+					expect = append(expect, p)
+				}
+				seen[p.Num] = true
+			}
+			if err := fs.InsertPages("ins", slices.Clone(batch)); err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range expect {
+				if p.Zero {
+					zero(p.Num)
+				} else {
+					set(p)
+				}
+			}
+			inserted += uint64(tc.added)
+			if st, _ := fs.Stats("ins"); st.Inserted != inserted || len(expect) != tc.added {
+				t.Fatalf("inserted %d (expected pages %d), want %d", st.Inserted, len(expect), inserted)
+			}
+		})
+	}
+	got := make([]byte, n*PageSize)
+	if err := fs.ReadPages(context.Background(), "ins", 0, got); err != nil {
+		t.Fatal(err)
+	}
+	for p := uint64(0); p < n; p++ {
+		if !bytes.Equal(got[p*PageSize:(p+1)*PageSize], want[p*PageSize:(p+1)*PageSize]) {
+			t.Fatalf("page %d differs from what was pushed or fetched", p)
+		}
+	}
+	if fetched, twice := source.count(); fetched != n-int(inserted) || twice {
+		t.Errorf("fetched %d pages (twice: %v), want the %d never pushed, once", fetched, twice, n-int(inserted))
+	}
+	for _, bad := range [][]Page{{page(n, 1)}, {{Num: 5, Data: make([]byte, 10)}}} {
+		if err := fs.InsertPages("ins", bad); err == nil {
+			t.Errorf("InsertPages(page %d, %d bytes) succeeded", bad[0].Num, len(bad[0].Data))
+		}
+	}
+	if st, _ := fs.Stats("ins"); st.Inserted != inserted {
+		t.Errorf("a refused batch changed the count: %d, want %d", st.Inserted, inserted)
+	}
+}
+
+// present reports whether page num of snapshot id is in its backing file.
+func (f *FS) present(t *testing.T, id string, num uint64) bool {
+	t.Helper()
+	sf, err := f.file(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sf.mu.Lock()
+	defer sf.mu.Unlock()
+	return sf.isPresent(num)
+}
