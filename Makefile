@@ -37,9 +37,10 @@ demo: build
 
 bench: bench-coord bench-boot bench-clone bench-mcast
 
-# Real Xen nested in QEMU TCG: clone vs xl save + copy + xl restore (about 10 min).
+# Real Xen nested in QEMU TCG: clone vs xl save + copy + xl restore, 3 runs
+# each, medians (about 20 min).
 bench-xen:
-	$(GO) run ./bench/xen -mtu 9000 -out bench/results/xen.json
+	$(GO) run ./bench/xen -mtu 9000 -runs 3 -out bench/results/xen.json
 
 bench-coord:
 	$(GO) run ./bench/coord -out bench/results/coord.json

@@ -87,7 +87,7 @@ func run(out string, runs, dataMB, mtu, mcastMTU int) error {
 	begin := time.Now()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, 40*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Minute)
 	defer cancel()
 	log := hclog.New(&hclog.LoggerOptions{Name: "bench-xen", Level: hclog.Info, Output: os.Stderr})
 	bin, err := cluster.Prepare()
