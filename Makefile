@@ -38,7 +38,7 @@ demo: build
 bench: bench-coord bench-boot bench-clone bench-mcast
 
 # Real Xen nested in QEMU TCG: clone vs xl save + copy + xl restore, 3 runs
-# each, medians (about 20 min).
+# each, medians (about 25 min).
 bench-xen:
 	$(GO) run ./bench/xen -mtu 9000 -runs 3 -out bench/results/xen.json
 
